@@ -1,0 +1,38 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Both create .venv when it is missing and (re)install when pyproject.toml changes.
+#
+# TORCH_SPEC pins the torch wheel installed before the project. The default takes the
+# CPU build that lies on disk on our CPU machines; GPU users install their own CUDA
+# torch into .venv first and run `make test TORCH_SPEC=` to keep it.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.metanet-installed
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install test demo clean
+
+install: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(if $(TORCH_SPEC),$(PIP) install "$(TORCH_SPEC)")
+	$(PIP) install -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/metanet inspect all-MiniLM-L6-v2
+	$(BIN)/metanet graph all-MiniLM-L6-v2 --config configs/graph.yaml --out demo-output/minilm-layer0.graph.pt
+
+clean:
+	rm -rf $(VENV) demo-output

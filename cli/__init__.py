@@ -1,0 +1,1 @@
+"""The `metanet` command line: parse options, call the library, render with rich."""

@@ -1,0 +1,29 @@
+"""Write files so that a failure never leaves a half-written output behind.
+
+The content is written to a temporary file in the destination's folder and renamed
+over the destination only once it is complete (rename is atomic on POSIX filesystems).
+"""
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write to; on success it is renamed to `destination`.
+
+    On any exception the temporary file is removed and `destination` is left untouched.
+    """
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, destination)
+    finally:
+        tmp.unlink(missing_ok=True)
