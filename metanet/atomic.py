@@ -10,20 +10,27 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from metanet.errors import MetanetError
+
 
 @contextlib.contextmanager
 def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write to; on success it is renamed to `destination`.
 
-    On any exception the temporary file is removed and `destination` is left untouched.
+    On any exception the temporary file is removed and `destination` is left untouched;
+    an OSError (disk full, permission denied) becomes a MetanetError naming the destination.
     """
     destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = None
     try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         yield tmp
         os.replace(tmp, destination)
+    except OSError as exc:
+        raise MetanetError(f"cannot write {destination}: {exc.strerror or exc}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)

@@ -1,8 +1,7 @@
 """Tensor sources: where a checkpoint's tensors live, read lazily by name.
 
 A source knows every tensor's name and shape from file headers alone and reads tensors
-only when asked. Safetensors files are opened (memory-mapped) per read and closed
-again, so reading layer after layer never keeps earlier layers' pages resident.
+only when asked, so reading layer after layer holds only the layers still referenced.
 Pickled PyTorch files are read with `torch.load(weights_only=True)`, which refuses
 anything but tensors and plain containers: no code from a checkpoint ever runs.
 """
@@ -10,7 +9,10 @@ anything but tensors and plain containers: no code from a checkpoint ever runs.
 from __future__ import annotations
 
 import json
+import math
 import pickle
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -29,24 +31,38 @@ class TensorSource(Protocol):
     def read(self, names: list[str]) -> dict[str, torch.Tensor]: ...
 
 
+#: safetensors dtype strings → torch dtypes.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the tensor's data in the file
+    nbytes: int
+
+
 class SafetensorsSource:
-    """One or many `.safetensors` files (with or without `model.safetensors.index.json`)."""
+    """One or many `.safetensors` files (with or without `model.safetensors.index.json`).
+
+    Headers are parsed and checked against the file size up front (so a truncated file is
+    caught before any work). A tensor is read with one positional read straight into a
+    fresh tensor: unlike a memory map, which keeps every touched page of a shard resident
+    for as long as any tensor views it, memory holds exactly the tensors alive.
+    """
 
     format = "safetensors"
 
     def __init__(self, files: list[Path]):
-        from safetensors import safe_open
-
-        self._file_of: dict[str, Path] = {}
-        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._entries: dict[str, _Entry] = {}
         for file in files:
-            try:
-                with safe_open(file, framework="pt") as handle:
-                    for name in handle.keys():
-                        self._file_of[name] = file
-                        self._shapes[name] = tuple(handle.get_slice(name).get_shape())
-            except Exception as exc:  # safetensors raises its own error types for bad headers
-                raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {_first_line(exc)}") from None
+            self._entries |= _read_header(file)
 
     @classmethod
     def from_index(cls, index_file: Path) -> SafetensorsSource:
@@ -62,26 +78,56 @@ class SafetensorsSource:
         return cls(shards)
 
     def names(self) -> list[str]:
-        return list(self._file_of)
+        return list(self._entries)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._shapes[name]
+        return self._entries[name].shape
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self._file_of[name], []).append(name)
         tensors = {}
-        for file, file_names in by_file.items():
-            try:
-                with safe_open(file, framework="pt") as handle:
-                    for name in file_names:
-                        tensors[name] = handle.get_tensor(name)
-            except Exception as exc:
-                raise CheckpointError(f"{file}: cannot read tensors (truncated or corrupt?): {_first_line(exc)}") from None
+        for name in names:
+            entry = self._entries[name]
+            tensor = torch.empty(entry.shape, dtype=entry.dtype)
+            buffer = tensor.view(-1).view(torch.uint8).numpy() if tensor.numel() else bytearray()
+            with open(entry.file, "rb") as f:
+                f.seek(entry.offset)
+                if f.readinto(buffer) != entry.nbytes:
+                    raise CheckpointError(f"{entry.file}: truncated while reading tensor {name}")
+            tensors[name] = tensor
         return tensors
+
+
+def _read_header(file: Path) -> dict[str, _Entry]:
+    """Parse a safetensors header: u64 little-endian length N, then N bytes of JSON
+    {name: {dtype, shape, data_offsets: [begin, end]}}, offsets relative to byte 8 + N."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+        if not 0 < header_len <= size - 8:
+            raise CheckpointError(f"{file}: not a safetensors file (truncated or corrupt header)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{file}: corrupt safetensors header ({_first_line(exc)})") from None
+    data_start = 8 + header_len
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(int(n) for n in info["shape"])
+            begin, end = (int(n) for n in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{file}: corrupt or unsupported header entry for tensor {name}: {info}") from None
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - begin != nbytes:
+            raise CheckpointError(f"{file}: header of tensor {name} gives {end - begin} bytes for shape {list(shape)} {info['dtype']}")
+        if data_start + end > size:
+            raise CheckpointError(f"{file}: truncated: tensor {name} ends at byte {data_start + end:,}, the file has {size:,}")
+        entries[name] = _Entry(file, dtype, shape, data_start + begin, nbytes)
+    return entries
 
 
 class PickleSource:

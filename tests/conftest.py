@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny real transformers models of every supported family, saved to disk."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@dataclass
+class TinyModel:
+    family: str  # adapter name in metanet.checkpoints.families
+    model_type: str
+    path: Path
+    model: torch.nn.Module  # eval mode, float32
+    d_model: int
+    d_ff: int
+    activation: str  # canonical name
+    gated: bool
+
+    def mlp_and_norm(self, i: int):
+        """(FFN function x → y, the module normalising the FFN input) of block i, from transformers' own modules."""
+        m = self.model
+        if self.family == "gpt2":
+            block = m.transformer.h[i]
+            return block.mlp, block.ln_2
+        if self.family == "bert":
+            block = m.encoder.layer[i]
+            return (lambda x: block.output.dense(block.intermediate(x))), block.attention.output.LayerNorm
+        if self.family == "opt":
+            block = m.model.decoder.layers[i]
+            return (lambda x: block.fc2(block.activation_fn(block.fc1(x)))), block.final_layer_norm
+        if self.family == "gpt_neox":
+            block = m.gpt_neox.layers[i]
+            return block.mlp, block.post_attention_layernorm
+        block = m.model.layers[i]
+        return block.mlp, block.post_attention_layernorm
+
+
+def _configs():
+    import transformers as tf
+
+    common = dict(vocab_size=64, num_attention_heads=2)
+    return {
+        "gpt2": (tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32), tf.GPT2LMHeadModel, "gpt2", 128, "gelu_tanh", False),
+        "bert": (tf.BertConfig(hidden_size=32, num_hidden_layers=2, intermediate_size=80, **common), tf.BertModel, "bert", 80, "gelu", False),
+        "opt": (tf.OPTConfig(hidden_size=32, num_hidden_layers=2, ffn_dim=96, word_embed_proj_dim=32, max_position_embeddings=64, **common), tf.OPTForCausalLM, "opt", 96, "relu", False),
+        "gpt_neox": (tf.GPTNeoXConfig(hidden_size=32, num_hidden_layers=3, intermediate_size=72, **common), tf.GPTNeoXForCausalLM, "gpt_neox", 72, "gelu", False),
+        "llama": (tf.LlamaConfig(hidden_size=32, intermediate_size=88, num_hidden_layers=2, num_key_value_heads=2, **common), tf.LlamaForCausalLM, "llama", 88, "silu", True),
+        "mistral": (tf.MistralConfig(hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_key_value_heads=1, **common), tf.MistralForCausalLM, "llama", 56, "silu", True),
+        "qwen2": (tf.Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_key_value_heads=2, **common), tf.Qwen2ForCausalLM, "llama", 48, "silu", True),
+    }
+
+
+def build_tiny_model(model_type: str, folder: Path, seed: int = 0) -> TinyModel:
+    """A randomly initialised model with every parameter perturbed (so biases and norms are not
+    the 0/1 of a fresh init and a swapped tensor cannot pass unnoticed), saved with save_pretrained."""
+    config, model_class, family, d_ff, activation, gated = _configs()[model_type]
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return TinyModel(family, model_type, folder, model, config.hidden_size, d_ff, activation, gated)
+
+
+MODEL_TYPES = ["gpt2", "bert", "opt", "gpt_neox", "llama", "mistral", "qwen2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, TinyModel]:
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {t: build_tiny_model(t, root / t) for t in MODEL_TYPES}
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    from metanet.checkpoints import resolve_path
+
+    return resolve_path("all-MiniLM-L6-v2")
