@@ -87,8 +87,10 @@ def inspect(
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
-    table = Table(title=f"{summary['path']}", show_header=False)
-    for key in ("format", "family", "model_type", "n_layers", "d_model", "d_ff", "activation", "gated", "norm"):
+    table = Table(title=f"{checkpoint}", show_header=False)
+    table.add_column("fact", style="bold")
+    table.add_column("value", overflow="fold")
+    for key in ("path", "format", "family", "model_type", "n_layers", "d_model", "d_ff", "activation", "gated", "norm"):
         table.add_row(key, str(summary[key]))
     params = summary["parameters"]
     table.add_row("parameters", f"{params['total']:,}")
