@@ -84,3 +84,11 @@ def minilm_path() -> Path:
     from metanet.checkpoints import resolve_path
 
     return resolve_path("all-MiniLM-L6-v2")
+
+
+@pytest.fixture(scope="session")
+def trained_lm(tmp_path_factory) -> Path:
+    """Folder of a tiny LLaMA trained on Shakespeare (model + tokenizer, safetensors); see tests/trained_lm.py."""
+    from trained_lm import train_tiny_causal_lm
+
+    return train_tiny_causal_lm(tmp_path_factory.mktemp("trained-lm") / "llama")

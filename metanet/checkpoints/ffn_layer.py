@@ -12,6 +12,7 @@ Hidden neuron j owns row j of w_in / w_gate, entry j of b_in and column j of w_o
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +97,14 @@ class FFNLayer:
     def n_params(self) -> int:
         """FFN parameters (projections and biases; the norm belongs to the block)."""
         return sum(t.numel() for name, t in self.tensors().items() if not name.startswith("norm."))
+
+    def fingerprint(self) -> str:
+        """blake2b of the projection weights as float32 bytes: ties a partition to the layer it was made for."""
+        digest = hashlib.blake2b(digest_size=16)
+        for t in (self.w_in, self.w_gate, self.w_out):
+            if t is not None:
+                digest.update(t.detach().to(device="cpu", dtype=torch.float32).contiguous().view(-1).view(torch.uint8).numpy())
+        return digest.hexdigest()
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """Hidden activations a = act(w_in·x + b_in) ⊙ (w_gate·x).   x: [..., d] → a: [..., f]"""

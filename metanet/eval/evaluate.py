@@ -1,0 +1,55 @@
+"""Evaluate a Partition on a checkpoint's held-out text: per-layer metrics and whole-model quality."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from metanet.calib.splits import TextSplit
+from metanet.checkpoints import Checkpoint
+from metanet.eval.metrics import layer_metrics, mean_over_layers
+from metanet.eval.model_quality import dense_reference, model_quality
+from metanet.errors import MetanetError
+from metanet.partition.partition import Partition
+
+
+def evaluate(
+    checkpoint: Checkpoint,
+    partition: Partition,
+    heldout: TextSplit,
+    model=None,
+    reference=None,
+    progress: Callable[[], None] | None = None,
+) -> dict:
+    """Report of DESIGN.md's metrics: the layer means at top level, a `layers` list, run facts.
+
+    Refuses a partition made for another checkpoint (per-layer fingerprints). `model`
+    (the dense transformers model) adds ppl_ratio or embedding_cosine; pass its
+    `dense_reference` on the held-out windows when evaluating many partitions.
+    """
+    if len(partition.layers) != checkpoint.n_layers:
+        raise MetanetError(f"the partition has {len(partition.layers)} layers, the checkpoint {checkpoint.n_layers}: it was made for another checkpoint")
+    layers = []
+    for layer in checkpoint.layers():
+        partition.check_matches(layer.index, layer.fingerprint())
+        row = layer_metrics(layer, partition.layers[layer.index], partition.point, heldout.ffn_inputs.layers[layer.index])
+        layers.append({"index": layer.index, **row})
+        if progress:
+            progress()
+    report = {
+        "method": partition.method,
+        "router": partition.router,
+        "experts": partition.point.experts,
+        "active": partition.point.active,
+        "shared": partition.point.shared,
+        **mean_over_layers(layers),
+        "convert_s": partition.info.get("convert_s"),
+        "calib_tokens": partition.info.get("calib_tokens"),
+        "heldout_tokens": heldout.n_tokens,
+    }
+    if model is not None:
+        family = checkpoint.family.name
+        if reference is None:
+            reference = dense_reference(model, family, heldout.input_ids)
+        report |= model_quality(model, family, partition, heldout.input_ids, reference)
+    report["layers"] = layers
+    return report

@@ -1,0 +1,181 @@
+"""The Partition: which hidden neurons form which expert, and each layer's router.
+
+On disk (a folder, DESIGN.md "Canonical objects"):
+    partition.json          method, router, experts E, active k, shared s, expert width,
+                            source checkpoint fingerprints, per-layer summary, run info
+    partition.safetensors   layers.{i}.assign         int32 [f]  expert id per neuron, shared experts first
+                            layers.{i}.router.weight  [E, d]
+                            layers.{i}.router.bias    [E]
+
+Experts 0..s-1 are shared (always active); s..E-1 are routed, and a token uses the k-s
+routed experts with the highest router scores  x·router.weight[e] + router.bias[e].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from metanet.errors import MetanetError
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """E experts in all, the first `shared` of them always active; k active per token, shared included."""
+
+    experts: int
+    active: int
+    shared: int = 0
+    width_multiple: int = 8
+
+    @property
+    def routed(self) -> int:
+        return self.experts - self.shared
+
+    @property
+    def routed_active(self) -> int:
+        return self.active - self.shared
+
+    def expert_width(self, d_ff: int) -> int:
+        """m = f / E; raises MetanetError unless E splits f into equal experts whose width is a multiple of `width_multiple`."""
+        if self.experts < 1 or self.active < 1 or self.shared < 0:
+            raise MetanetError(f"experts ({self.experts}) and active ({self.active}) must be ≥ 1 and shared ({self.shared}) ≥ 0")
+        if self.active > self.experts:
+            raise MetanetError(f"active k={self.active} is more than experts E={self.experts}")
+        if self.shared >= self.active and self.shared != self.experts:
+            raise MetanetError(f"shared s={self.shared} leaves no routed expert active (k={self.active}); need s < k")
+        if d_ff % self.experts or (d_ff // self.experts) % self.width_multiple:
+            raise MetanetError(
+                f"E={self.experts} does not split d_ff={d_ff} into equal experts whose width is a multiple of "
+                f"{self.width_multiple}; choose E dividing {d_ff} with {d_ff}/E a multiple of {self.width_multiple}"
+            )
+        return d_ff // self.experts
+
+
+@dataclass
+class LayerPartition:
+    assign: torch.Tensor  # int64 [f], expert id of each hidden neuron
+    router_weight: torch.Tensor  # float32 [E, d]
+    router_bias: torch.Tensor  # float32 [E]
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Router scores.   x: [T, d] → [T, E]"""
+        return x @ self.router_weight.T + self.router_bias
+
+
+@dataclass
+class Partition:
+    method: str
+    router: str
+    point: OperatingPoint
+    expert_width: int
+    layers: list[LayerPartition]
+    fingerprints: list[str]  # FFNLayer.fingerprint() of each source layer
+    source: str = ""  # the checkpoint as the user named it
+    info: dict = field(default_factory=dict)  # seed, convert_s, calib_tokens, …
+
+    def check_matches(self, layer_index: int, fingerprint: str) -> None:
+        """Raise unless this partition was made for a layer with this fingerprint."""
+        if layer_index >= len(self.layers):
+            raise MetanetError(f"the partition has {len(self.layers)} layers, the checkpoint has more (layer {layer_index})")
+        if self.fingerprints[layer_index] != fingerprint:
+            raise MetanetError(
+                f"the partition was made for another checkpoint ({self.source or 'unknown'}): "
+                f"layer {layer_index}'s weights differ from those it was computed on (or were loaded in another dtype)"
+            )
+
+    def summary(self) -> list[dict]:
+        """Per layer: expert sizes (must all equal the expert width) and router norm."""
+        return [
+            {
+                "index": i,
+                "expert_sizes": torch.bincount(lp.assign, minlength=self.point.experts).tolist(),
+                "router_norm": round(lp.router_weight.norm().item(), 6),
+            }
+            for i, lp in enumerate(self.layers)
+        ]
+
+    # -- files --------------------------------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        """Write the folder atomically: built beside it under a temporary name, then renamed over it."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "method": self.method,
+            "router": self.router,
+            "experts": self.point.experts,
+            "active": self.point.active,
+            "shared": self.point.shared,
+            "width_multiple": self.point.width_multiple,
+            "expert_width": self.expert_width,
+            "n_layers": len(self.layers),
+            "source": self.source,
+            "fingerprints": self.fingerprints,
+            "info": self.info,
+            "layers": self.summary(),
+        }
+        tensors = {}
+        for i, lp in enumerate(self.layers):
+            tensors[f"layers.{i}.assign"] = lp.assign.to(torch.int32).contiguous()
+            tensors[f"layers.{i}.router.weight"] = lp.router_weight.float().contiguous()
+            tensors[f"layers.{i}.router.bias"] = lp.router_bias.float().contiguous()
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+            try:
+                save_file(tensors, tmp / "partition.safetensors")
+                (tmp / "partition.json").write_text(json.dumps(meta, indent=2))
+                _replace_folder(tmp, folder)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError as exc:
+            raise MetanetError(f"cannot write partition to {folder}: {exc.strerror or exc}") from None
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Partition:
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        meta_file, tensor_file = folder / "partition.json", folder / "partition.safetensors"
+        if not meta_file.is_file() or not tensor_file.is_file():
+            raise MetanetError(f"{folder}: not a partition folder (needs partition.json and partition.safetensors)")
+        try:
+            meta = json.loads(meta_file.read_text())
+            point = OperatingPoint(meta["experts"], meta["active"], meta["shared"], meta["width_multiple"])
+            tensors = load_file(tensor_file)
+            layers = [
+                LayerPartition(
+                    tensors[f"layers.{i}.assign"].long(),
+                    tensors[f"layers.{i}.router.weight"],
+                    tensors[f"layers.{i}.router.bias"],
+                )
+                for i in range(meta["n_layers"])
+            ]
+            return cls(meta["method"], meta["router"], point, meta["expert_width"], layers, meta["fingerprints"], meta["source"], meta["info"])
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+            raise MetanetError(f"{folder}: broken partition ({type(exc).__name__}: {exc})") from None
+        except Exception as exc:  # safetensors' own errors for damaged files
+            raise MetanetError(f"{folder}: unreadable partition.safetensors ({str(exc).splitlines()[0]})") from None
+
+
+def _replace_folder(new: Path, destination: Path) -> None:
+    """Move `new` to `destination`, replacing an existing folder there only once `new` is complete."""
+    if not destination.exists():
+        os.replace(new, destination)
+        return
+    old = destination.with_name(f".{destination.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(destination, old)
+    os.replace(new, destination)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,47 @@
+"""MLflow runs: every command that computes logs one run.
+
+Tracking URI, in order: the command's `--tracking-uri`, the MLFLOW_TRACKING_URI
+environment variable, else `sqlite:///mlflow.db` in the working folder (open it with
+`mlflow ui --backend-store-uri sqlite:///mlflow.db`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Iterator
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+@contextlib.contextmanager
+def tracked_run(experiment: str, run_name: str, params: dict, tracking_uri: str | None = None) -> Iterator[object]:
+    """Start an MLflow run in `experiment` with `params` logged; yields the active run."""
+    import mlflow
+
+    for noisy in ("alembic", "mlflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=run_name) as run:
+        mlflow.log_params({key: str(value)[:500] for key, value in params.items()})
+        yield run
+
+
+def log_metrics(metrics: dict[str, float], prefix: str = "") -> None:
+    import mlflow
+
+    mlflow.log_metrics({f"{prefix}{key}": float(value) for key, value in metrics.items()})
+
+
+def log_artifacts(*paths: str | Path) -> None:
+    import mlflow
+
+    for path in paths:
+        mlflow.log_artifact(str(path))
