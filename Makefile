@@ -36,6 +36,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/metanet inspect all-MiniLM-L6-v2
 	$(BIN)/metanet graph all-MiniLM-L6-v2 --config configs/graph.yaml --out demo-output/minilm-layer0.graph.pt
+	$(BIN)/metanet compare all-MiniLM-L6-v2 --config configs/compare.yaml --out demo-output/compare
 
 clean:
 	rm -rf $(VENV) demo-output

@@ -41,13 +41,13 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="-v logs progress messages, -vv debug messages."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     from rich.logging import RichHandler
 
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level={0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG),
         format="%(message)s",
         handlers=[RichHandler(console=err_console, show_path=False)],
         force=True,

@@ -24,13 +24,13 @@ def _point(experts: int, active: int, shared: int, width_multiple: int):
     return OperatingPoint(experts, active, shared, width_multiple)
 
 
-def _text_split(ckpt, model, tokenizer, split: str, n_tokens: int, corpus, seed: int = 0):
+def _text_split(ckpt, model, tokenizer, split: str, n_tokens: int, docs: list, seed: int = 0):
     """A TextSplit with a progress bar over the model's forward batches."""
     from metanet.calib import text_split
 
     with progress_bar() as progress:
         task = progress.add_task(f"{split} text through the model", total=None)
-        return text_split(model, tokenizer, ckpt.family.name, split, n_tokens, corpus, seed=seed,
+        return text_split(model, tokenizer, ckpt.family.name, split, n_tokens, docs, seed=seed,
                           progress=lambda n=1: progress.advance(task, n))
 
 
@@ -72,7 +72,7 @@ def partition(
     config: Optional[Path] = config_option(),
 ) -> None:
     """Carve every FFN layer into experts with one method and fit a router; write a Partition folder."""
-    from metanet.calib import load_model_and_tokenizer
+    from metanet.calib import load_corpus, load_model_and_tokenizer
     from metanet.checkpoints import open_checkpoint
     from metanet.partition.make import make_partition, needs_calibration, resolve_router
     from metanet.tracking import log_artifacts, log_metrics, tracked_run
@@ -83,8 +83,9 @@ def partition(
     router = resolve_router(method, router)
     calibration, split = None, None
     if needs_calibration(method, [router]):
+        docs = load_corpus(corpus)
         model, tokenizer = load_model_and_tokenizer(ckpt)
-        split = _text_split(ckpt, model, tokenizer, "calibration", calib_tokens, corpus, seed)
+        split = _text_split(ckpt, model, tokenizer, "calibration", calib_tokens, docs, seed)
         calibration = _layer_calibration(ckpt, split)
     params = {"checkpoint": checkpoint, "method": method, "router": router, "experts": experts, "active": active, "shared": shared, "seed": seed}
     with tracked_run("partition", f"{method}-{router}", params, tracking_uri):
@@ -115,7 +116,7 @@ def eval_command(
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
 ) -> None:
     """Measure a partition on held-out text: rel_error, recalls, load balance, whole-model quality."""
-    from metanet.calib import load_model_and_tokenizer
+    from metanet.calib import load_corpus, load_model_and_tokenizer
     from metanet.checkpoints import open_checkpoint
     from metanet.eval.evaluate import evaluate
     from metanet.partition import Partition
@@ -127,8 +128,9 @@ def eval_command(
         from metanet.errors import MetanetError
 
         raise MetanetError(f"{partition_dir} has {len(part.layers)} layers, {checkpoint} has {ckpt.n_layers}: it was made for another checkpoint")
+    docs = load_corpus(corpus)
     model, tokenizer = load_model_and_tokenizer(ckpt)
-    heldout = _text_split(ckpt, model, tokenizer, "heldout", heldout_tokens, corpus)
+    heldout = _text_split(ckpt, model, tokenizer, "heldout", heldout_tokens, docs)
     params = {"checkpoint": checkpoint, "partition": str(partition_dir), "method": part.method, "router": part.router}
     with tracked_run("eval", f"{part.method}-{part.router}", params, tracking_uri):
         with progress_bar() as progress:

@@ -1,9 +1,12 @@
 """Shared fixtures: tiny real transformers models of every supported family, saved to disk."""
 
 import os
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# Every run a command logs goes to a throw-away store, never to mlflow.db in the checkout.
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp(prefix='metanet-tests-')}/mlflow.db"
 
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -45,6 +45,9 @@ def load_model_and_tokenizer(checkpoint: Checkpoint):
     MetanetError: calibration needs text, data-free methods do not.
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # our own progress bars report the work; stderr stays for errors
 
     folder = checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent
     if checkpoint.source.format == "gguf":
@@ -57,7 +60,7 @@ def load_model_and_tokenizer(checkpoint: Checkpoint):
         model = model_class.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise MetanetError(f"{folder}: transformers cannot load it ({str(exc).splitlines()[0]})") from None
-    log.info("loaded %s with %s", folder, type(model).__name__)
+    log.debug("loaded %s with %s", folder, type(model).__name__)
     return model.eval(), tokenizer
 
 

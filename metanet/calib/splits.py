@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from metanet.calib.capture import FFNInputs, capture_ffn_inputs
-from metanet.calib.corpus import load_corpus, split_documents, tokenize_documents
+from metanet.calib.corpus import split_documents, tokenize_documents
 
 SPLITS = ("calibration", "heldout")
 
@@ -38,12 +37,13 @@ def text_split(
     family: str,
     split: str,
     n_tokens: int,
-    corpus: str | Path | None = None,
+    corpus: list[str],
     seq_len: int = 128,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> TextSplit:
-    """Tokenise `n_tokens` of the `split` half of the corpus and capture the dense model's FFN inputs.
+    """Tokenise `n_tokens` of the `split` half of `corpus` (documents from `load_corpus`, read
+    before the model so a bad corpus fails fast) and capture the dense model's FFN inputs.
 
     The document split always uses seed 0 so that every command agrees on which text is
     held out; `seed` only chooses the windows drawn from that half.
@@ -51,7 +51,7 @@ def text_split(
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     start = time.perf_counter()
-    calibration_docs, heldout_docs = split_documents(load_corpus(corpus), seed=0)
+    calibration_docs, heldout_docs = split_documents(corpus, seed=0)
     docs = calibration_docs if split == "calibration" else heldout_docs
     input_ids = tokenize_documents(tokenizer, docs, n_tokens, seq_len=seq_len, seed=seed)
     inputs = capture_ffn_inputs(model, family, input_ids, progress=progress)

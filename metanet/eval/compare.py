@@ -12,7 +12,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Callable
 
-from metanet.calib import load_model_and_tokenizer, neuron_stats, text_split
+from metanet.calib import load_corpus, load_model_and_tokenizer, neuron_stats, text_split
 from metanet.checkpoints import Checkpoint
 from metanet.eval.evaluate import evaluate
 from metanet.eval.metrics import METRICS
@@ -47,15 +47,16 @@ def compare(checkpoint: Checkpoint, settings: CompareSettings, progress: Callabl
     for method, routers in routers_of.items():
         for router in routers:
             resolve_router(method, router)
+    corpus = load_corpus(settings.corpus)
     model, tokenizer = load_model_and_tokenizer(checkpoint)
     family = checkpoint.family.name
-    heldout = text_split(model, tokenizer, family, "heldout", settings.heldout_tokens, settings.corpus)
+    heldout = text_split(model, tokenizer, family, "heldout", settings.heldout_tokens, corpus)
     reference = dense_reference(model, family, heldout.input_ids) if settings.model_quality else None
     rows = []
     for seed in settings.seeds:
         calibration, calib_split = None, None
         if any(needs_calibration(m, routers_of[m]) for m in settings.methods):
-            calib_split = text_split(model, tokenizer, family, "calibration", settings.calib_tokens, settings.corpus, seed=seed)
+            calib_split = text_split(model, tokenizer, family, "calibration", settings.calib_tokens, corpus, seed=seed)
             calibration = {
                 layer.index: LayerCalibration(calib_split.ffn_inputs.layers[layer.index], neuron_stats(layer, calib_split.ffn_inputs.layers[layer.index]))
                 for layer in checkpoint.layers()

@@ -34,7 +34,7 @@ ROUTERS = DATA_FREE_ROUTERS + CALIBRATED_ROUTERS
 DEFAULT_ROUTER = {"random": "centroid", "kmeans": "centroid", "joint": "scaled", "coact": "mlp", "cmoe": "cmoe"}
 
 LSQ_RIDGE = 1e-3  # relative to the mean diagonal of XᵀX
-MLP_STEPS, MLP_LR = 300, 1e-2
+MLP_STEPS, MLP_LR = 100, 3e-2
 
 
 def check_router(name: str) -> None:
