@@ -124,10 +124,7 @@ def eval_command(
 
     ckpt = open_checkpoint(checkpoint)
     part = Partition.load(partition_dir)
-    if len(part.layers) != ckpt.n_layers:
-        from metanet.errors import MetanetError
-
-        raise MetanetError(f"{partition_dir} has {len(part.layers)} layers, {checkpoint} has {ckpt.n_layers}: it was made for another checkpoint")
+    part.check_layer_count(ckpt.n_layers)  # before the model and text are loaded
     docs = load_corpus(corpus)
     model, tokenizer = load_model_and_tokenizer(ckpt)
     heldout = _text_split(ckpt, model, tokenizer, "heldout", heldout_tokens, docs)

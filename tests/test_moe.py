@@ -145,7 +145,7 @@ def test_convert_refuses_unknown_family_wrong_model_and_wrong_layer_count(tiny_m
     with pytest.raises(MetanetError, match="not a gpt2 model"):
         convert(model, "gpt2", partition)
     short = Partition("random", "random", partition.point, partition.expert_width, partition.layers[:1], partition.fingerprints[:1])
-    with pytest.raises(MetanetError, match="the partition has 1 layers, the model has 2"):
+    with pytest.raises(MetanetError, match="the partition has 1 layers, the model 2"):
         convert(model, "opt", short)
     convert(model, "opt", partition)
     with pytest.raises(MetanetError, match="already runs an MoEFFN"):

@@ -8,7 +8,6 @@ from metanet.calib.splits import TextSplit
 from metanet.checkpoints import Checkpoint
 from metanet.eval.metrics import layer_metrics, mean_over_layers
 from metanet.eval.model_quality import dense_reference, model_quality
-from metanet.errors import MetanetError
 from metanet.partition.partition import Partition
 
 
@@ -26,8 +25,7 @@ def evaluate(
     (the dense transformers model) adds ppl_ratio or embedding_cosine; pass its
     `dense_reference` on the held-out windows when evaluating many partitions.
     """
-    if len(partition.layers) != checkpoint.n_layers:
-        raise MetanetError(f"the partition has {len(partition.layers)} layers, the checkpoint {checkpoint.n_layers}: it was made for another checkpoint")
+    partition.check_layer_count(checkpoint.n_layers)
     layers = []
     for layer in checkpoint.layers():
         partition.check_matches(layer.index, layer.fingerprint())

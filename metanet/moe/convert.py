@@ -185,8 +185,7 @@ def convert(model: nn.Module, family: str, partition: Partition) -> nn.Module:
     with another number of layers, or one made for other weights (fingerprint check).
     """
     layers = dense_ffn_layers(model, family)
-    if len(partition.layers) != len(layers):
-        raise MetanetError(f"the partition has {len(partition.layers)} layers, the model has {len(layers)}")
+    partition.check_layer_count(len(layers))
     for layer in layers:  # check everything before changing anything
         partition.check_matches(layer.index, layer.fingerprint())
     blocks = _OPS[family].blocks(model)

@@ -82,6 +82,13 @@ class Partition:
     source: str = ""  # the checkpoint as the user named it
     info: dict = field(default_factory=dict)  # seed, convert_s, calib_tokens, …
 
+    def check_layer_count(self, n_layers: int) -> None:
+        """Raise unless the model this partition is applied to has as many FFN layers."""
+        if len(self.layers) != n_layers:
+            raise MetanetError(
+                f"the partition has {len(self.layers)} layers, the model {n_layers}: it was made for another checkpoint ({self.source or 'unknown'})"
+            )
+
     def check_matches(self, layer_index: int, fingerprint: str) -> None:
         """Raise unless this partition was made for a layer with this fingerprint."""
         if layer_index >= len(self.layers):
