@@ -51,17 +51,25 @@ def optimal_balanced_assign(cost: torch.Tensor, capacity: int) -> torch.Tensor:
     return torch.from_numpy(assign)
 
 
-def balanced_kmeans(features: torch.Tensor, k: int, capacity: int, seed: int = 0, iters: int = 25, spherical: bool = True) -> torch.Tensor:
+def balanced_kmeans(
+    features: torch.Tensor, k: int, capacity: int, seed: int = 0, iters: int = 25, spherical: bool = True, init: str = "random"
+) -> torch.Tensor:
     """Equal-size k-means.   features: [n, D] → cluster id [n] int64.
 
     spherical: features and centroids live on the unit sphere and cost = −cos(feature, centroid);
-    otherwise cost = squared Euclidean distance. Centroids start at k distinct seeded items.
+    otherwise cost = squared Euclidean distance. init "random": centroids start at k distinct
+    seeded items; "farthest": deterministic farthest-point start (the item farthest from the
+    mean, then repeatedly the item farthest from those chosen), so that permuting the items
+    permutes the clusters (up to exact ties).
     """
     x = features.double()
     if spherical:
         x = torch.nn.functional.normalize(x, dim=1)
-    generator = torch.Generator().manual_seed(seed)
-    centroids = x[torch.randperm(x.shape[0], generator=generator)[:k]]
+    if init == "farthest":
+        centroids = x[_farthest_points(x, k)]
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        centroids = x[torch.randperm(x.shape[0], generator=generator)[:k]]
     assign = None
     for _ in range(iters):
         cost = -(x @ centroids.T) if spherical else torch.cdist(x, centroids).pow(2)
@@ -73,3 +81,13 @@ def balanced_kmeans(features: torch.Tensor, k: int, capacity: int, seed: int = 0
         if spherical:
             centroids = torch.nn.functional.normalize(centroids, dim=1)
     return assign
+
+
+def _farthest_points(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of k items: the one farthest from the mean, then greedily the farthest from all chosen.   x: [n, D]"""
+    chosen = [int(torch.cdist(x, x.mean(0, keepdim=True)).squeeze(1).argmax())]
+    nearest = torch.cdist(x, x[chosen]).squeeze(1)  # [n] distance to the closest chosen item
+    for _ in range(k - 1):
+        chosen.append(int(nearest.argmax()))
+        nearest = torch.minimum(nearest, torch.cdist(x, x[chosen[-1:]]).squeeze(1))
+    return torch.tensor(chosen)
