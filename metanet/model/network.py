@@ -3,7 +3,8 @@ and from them a balanced expert assignment and a router.
 
     features (metanet.model.features)  →  L × BipartiteLayer  →  h [f, w], r [d, w]
     importance_j = MLP(h_j)                       which neurons form the shared experts
-    z_j = normalise(MLP(h_j))                      clustering space of the routed experts
+    z_j = normalise(u_j − mean_j' u_j'), u = MLP(h)  clustering space of the routed experts (centred: the
+                                                    component all neurons share says nothing about clusters)
     α_j = softplus(MLP(h_j))                       each neuron's weight in its expert's router
 
 Assignment: the s·m most important neurons form the shared experts; the rest are split into
@@ -61,7 +62,7 @@ class MetaNetwork(nn.Module):
         """importance [f], cluster embedding z [f, embedding] (unit rows), router weight α [f] > 0."""
         return {
             "importance": self.importance_head(h).squeeze(1),
-            "z": nn.functional.normalize(self.cluster_head(h), dim=1),
+            "z": nn.functional.normalize(centred(self.cluster_head(h)), dim=1),
             "alpha": nn.functional.softplus(self.router_head(h).squeeze(1)),
         }
 
@@ -80,6 +81,11 @@ class MetaNetwork(nn.Module):
 
     def config_dict(self) -> dict:
         return asdict(self.config)
+
+
+def centred(u: torch.Tensor) -> torch.Tensor:
+    """u − its mean over neurons.   [f, D] → [f, D]"""
+    return u - u.mean(0, keepdim=True)
 
 
 def expert_router(layer: FFNLayer, assign: torch.Tensor, alpha: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
