@@ -1,11 +1,12 @@
 """Write files so that a failure never leaves a half-written output behind.
 
-The content is written to a temporary file in the destination's folder and renamed
-over the destination only once it is complete (rename is atomic on POSIX filesystems).
+The content is written to a temporary file (or folder) beside the destination and renamed
+over it only once it is complete (rename is atomic on POSIX filesystems).
 """
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -34,3 +35,15 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+
+
+def replace_folder(new: Path, destination: Path) -> None:
+    """Move `new` to `destination`, replacing an existing folder there only once `new` is complete."""
+    if not destination.exists():
+        os.replace(new, destination)
+        return
+    old = destination.with_name(f".{destination.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(destination, old)
+    os.replace(new, destination)
+    shutil.rmtree(old, ignore_errors=True)

@@ -15,7 +15,8 @@ forward runs it unchanged:
 
 `family` is `Checkpoint.family.name`. With k = E the converted model computes what
 the dense one does; with k < E each FFN output is `metanet.moe.routing.moe_forward`
-of its router's selection.
+of its router's selection. `install` puts ready-made MoEFFNs in the same places (what
+`metanet.moe.load` does with the modules of an MoE checkpoint).
 """
 
 from __future__ import annotations
@@ -188,14 +189,25 @@ def convert(model: nn.Module, family: str, partition: Partition) -> nn.Module:
     partition.check_layer_count(len(layers))
     for layer in layers:  # check everything before changing anything
         partition.check_matches(layer.index, layer.fingerprint())
-    blocks = _OPS[family].blocks(model)
-    for layer, block in zip(layers, blocks):
-        moe = MoEFFN.from_layer(layer, partition.layers[layer.index], partition.point)
-        _OPS[family].install(block, moe)
+    install(model, family, [MoEFFN.from_layer(layer, partition.layers[layer.index], partition.point) for layer in layers])
     p = partition.point
     log.debug("converted %d %s FFN layers to MoE: E=%d, k=%d, shared=%d, expert width %d (partition %s/%s)",
              len(layers), family, p.experts, p.active, p.shared, layers[0].d_ff // p.experts if layers else 0,
              partition.method, partition.router)
+    return model
+
+
+def install(model: nn.Module, family: str, modules: list[MoEFFN]) -> nn.Module:
+    """Put modules[i] where block i's FFN runs (table in the module docstring), in place; returns `model`.
+
+    `convert` carves the modules from the model's own FFNs; `metanet.moe.load` builds them
+    from the tensors of an MoE checkpoint. Raises MetanetError unless there is one module per block.
+    """
+    ops, _, blocks = _resolve(model, family)
+    if len(modules) != len(blocks):
+        raise MetanetError(f"{len(modules)} MoE layers for a model of {len(blocks)} blocks")
+    for block, moe in zip(blocks, modules):
+        ops.install(block, moe)
     return model
 
 

@@ -17,6 +17,11 @@ Storage is grouped and contiguous, the layout a grouped-GEMM kernel and the MoE
 checkpoint use:  w_in [E, m, d], w_gate [E, m, d] (gated only), w_out [E, d, m],
 b_in [E, m] (if the layer has it), b_out [d] (if any), router_weight [E, d],
 router_bias [E], and `order` [E·m]: the original index of grouped neuron e·m + i.
+
+Padding: `from_layer(..., pad_to=64)` rounds the expert width up to a multiple of 64
+for GPU kernels. A pad neuron has zero rows in w_in / w_gate, zero b_in, a zero column
+in w_out and order −1: it adds exactly nothing to y_e(x), and `assign` / `to_ffn_layer`
+leave it out.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ class MoEFFN(nn.Module):
         w_out: torch.Tensor,  # [E, d, m]
         router_weight: torch.Tensor,  # [E, d]
         router_bias: torch.Tensor,  # [E]
-        order: torch.Tensor,  # [E·m] int64, original neuron index of each grouped neuron
+        order: torch.Tensor,  # [E·m] int64, original neuron index of each grouped neuron, −1 for a pad neuron
         point: OperatingPoint,
         activation: str,
         w_gate: torch.Tensor | None = None,  # [E, m, d]
@@ -80,11 +85,12 @@ class MoEFFN(nn.Module):
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def from_layer(cls, layer: FFNLayer, layer_partition: LayerPartition, point: OperatingPoint) -> MoEFFN:
+    def from_layer(cls, layer: FFNLayer, layer_partition: LayerPartition, point: OperatingPoint, pad_to: int = 1) -> MoEFFN:
         """Group `layer`'s hidden neurons by `layer_partition.assign` into E = point.experts experts of equal width.
 
-        Tensors keep the layer's dtype and device (the router is cast to them); the
-        layer itself is not modified.
+        Each expert's width m = f/E is rounded up to a multiple of `pad_to` with pad
+        neurons (module docstring). Tensors keep the layer's dtype and device (the router
+        is cast to them); the layer itself is not modified.
         """
         f, d = layer.d_ff, layer.d_model
         m = point.expert_width(f)  # MetanetError unless E splits f evenly
@@ -103,18 +109,21 @@ class MoEFFN(nn.Module):
             if tuple(tensor.shape) != shape:
                 raise MetanetError(f"layer {layer.index}: {name} has shape {list(tensor.shape)}, expected {list(shape)} (E={n_experts}, d={d})")
 
+        if pad_to < 1:
+            raise MetanetError(f"pad_to must be ≥ 1, got {pad_to}")
         device, dtype = layer.w_in.device, layer.w_in.dtype
         order = torch.argsort(assign, stable=True).to(device)  # [f]: expert 0's neurons in increasing j, then expert 1's, …
-        group_rows = lambda t: t[order].reshape(n_experts, m, d)  # noqa: E731   [f, d] → [E, m, d]
+        pad = -m % pad_to  # pad neurons appended to each expert
+        grouped = lambda t: F.pad(t[order].reshape(n_experts, m, -1), (0, 0, 0, pad))  # noqa: E731   [f, …] → [E, m + pad, …], zeros appended
         return cls(
-            w_in=group_rows(layer.w_in),
-            w_gate=None if layer.w_gate is None else group_rows(layer.w_gate),
-            w_out=layer.w_out[:, order].reshape(d, n_experts, m).permute(1, 0, 2),  # [d, f] → [E, d, m]
-            b_in=None if layer.b_in is None else layer.b_in[order].reshape(n_experts, m),
+            w_in=grouped(layer.w_in),
+            w_gate=None if layer.w_gate is None else grouped(layer.w_gate),
+            w_out=grouped(layer.w_out.T).transpose(1, 2),  # [d, f] → [E, d, m + pad]
+            b_in=None if layer.b_in is None else grouped(layer.b_in[:, None])[..., 0],  # [E, m + pad]
             b_out=None if layer.b_out is None else layer.b_out.clone(),
             router_weight=layer_partition.router_weight.to(device=device, dtype=dtype),
             router_bias=layer_partition.router_bias.to(device=device, dtype=dtype),
-            order=order,
+            order=F.pad(order.reshape(n_experts, m), (0, pad), value=-1).reshape(-1),  # [E·(m + pad)], −1 for pad neurons
             point=point,
             activation=layer.activation,
             index=layer.index,
@@ -139,9 +148,10 @@ class MoEFFN(nn.Module):
         return self.w_gate is not None
 
     def assign(self) -> torch.Tensor:
-        """Expert id of each original hidden neuron.   → int64 [f]"""
-        experts = torch.arange(self.n_experts, device=self.order.device).repeat_interleave(self.expert_width)
-        return torch.empty_like(self.order).scatter_(0, self.order, experts)
+        """Expert id of each original hidden neuron (pad neurons left out).   → int64 [f]"""
+        experts = torch.arange(self.n_experts, device=self.order.device).repeat_interleave(self.expert_width)  # [E·m]
+        real = self.order >= 0
+        return torch.empty(int(real.sum()), dtype=torch.int64, device=self.order.device).scatter_(0, self.order[real], experts[real])
 
     # -- routing ------------------------------------------------------------------------
     def scores(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,23 +202,24 @@ class MoEFFN(nn.Module):
     def to_ffn_layer(self, original_order: bool = False) -> FFNLayer:
         """The dense FFN these experts make up (norm not included: it belongs to the block).
 
-        Neuron e·m + i is expert e's i-th neuron; `original_order=True` applies the
-        inverse of `order`, giving back the source layer neuron for neuron.
+        Neurons come in grouped order (expert 0's, then expert 1's, …), pad neurons left
+        out; `original_order=True` applies the inverse of `order`, giving back the source
+        layer neuron for neuron.
         """
-        n_experts, m, d = self.w_in.shape
-        f = n_experts * m
-        w = lambda t: t.detach().reshape(f, d)  # noqa: E731   [E, m, d] → [f, d]
+        d = self.d_model
+        real = (self.order >= 0).nonzero().squeeze(1)  # [f] grouped positions of the real neurons
+        rows = lambda t: t.detach().reshape(-1, d)[real]  # noqa: E731   [E, m, d] → [f, d]
         layer = FFNLayer(
-            w_in=w(self.w_in),
-            w_gate=None if self.w_gate is None else w(self.w_gate),
-            w_out=self.w_out.detach().permute(1, 0, 2).reshape(d, f),  # [E, d, m] → [d, f]
-            b_in=None if self.b_in is None else self.b_in.detach().reshape(f),
+            w_in=rows(self.w_in),
+            w_gate=None if self.w_gate is None else rows(self.w_gate),
+            w_out=self.w_out.detach().permute(1, 0, 2).reshape(d, -1)[:, real],  # [E, d, m] → [d, f]
+            b_in=None if self.b_in is None else self.b_in.detach().reshape(-1)[real],
             b_out=None if self.b_out is None else self.b_out.detach().clone(),
             activation=self.activation,
             index=self.index,
             family=self.family,
         )
-        return layer.permute_hidden(torch.argsort(self.order)) if original_order else layer
+        return layer.permute_hidden(torch.argsort(self.order[real])) if original_order else layer
 
     def extra_repr(self) -> str:
         p = self.point

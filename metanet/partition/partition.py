@@ -14,7 +14,6 @@ routed experts with the highest router scores  x·router.weight[e] + router.bias
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from metanet.atomic import replace_folder
 from metanet.errors import MetanetError
 
 FORMAT_VERSION = 1
@@ -142,7 +142,7 @@ class Partition:
             try:
                 save_file(tensors, tmp / "partition.safetensors")
                 (tmp / "partition.json").write_text(json.dumps(meta, indent=2))
-                _replace_folder(tmp, folder)
+                replace_folder(tmp, folder)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         except OSError as exc:
@@ -174,15 +174,3 @@ class Partition:
             raise MetanetError(f"{folder}: broken partition ({type(exc).__name__}: {exc})") from None
         except Exception as exc:  # safetensors' own errors for damaged files
             raise MetanetError(f"{folder}: unreadable partition.safetensors ({str(exc).splitlines()[0]})") from None
-
-
-def _replace_folder(new: Path, destination: Path) -> None:
-    """Move `new` to `destination`, replacing an existing folder there only once `new` is complete."""
-    if not destination.exists():
-        os.replace(new, destination)
-        return
-    old = destination.with_name(f".{destination.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(destination, old)
-    os.replace(new, destination)
-    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,55 @@
+"""`metanet apply`: write the MoE checkpoint of a partition (grouped experts, routers, every other tensor)."""
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cli.app import app, console, progress_bar
+from cli.checkpoint_commands import CHECKPOINT_HELP
+from cli.partition_commands import TRACKING_HELP, _summary_table
+
+
+@app.command("apply")
+def apply_command(
+    checkpoint: str = typer.Argument(..., help=CHECKPOINT_HELP),
+    partition_dir: Path = typer.Argument(..., help="A folder written by `metanet partition` for this checkpoint."),
+    out: Path = typer.Option(..., "--out", "-o", help="MoE checkpoint folder to write (an earlier one there is replaced atomically)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32 for every weight but the routers (default: the checkpoint's own)."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
+) -> None:
+    """Write a GPU-ready MoE checkpoint: experts grouped and padded, routers, all other tensors; verified before success."""
+    from metanet.checkpoints import open_checkpoint
+    from metanet.errors import MetanetError
+    from metanet.moe.checkpoint import DTYPES, apply, check_partition
+    from metanet.partition import Partition
+    from metanet.tracking import log_artifacts, log_metrics, tracked_run
+
+    if dtype is not None and dtype not in DTYPES:
+        raise MetanetError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    ckpt = open_checkpoint(checkpoint)
+    part = Partition.load(partition_dir)
+    with progress_bar() as progress:  # refuse a partition made for other weights before anything is logged or written
+        task = progress.add_task("checking fingerprints", total=ckpt.n_layers)
+        check_partition(ckpt, part, progress=lambda: progress.advance(task))
+    point = part.point
+    params = {
+        "checkpoint": checkpoint, "partition": str(partition_dir), "out": str(out), "dtype": dtype or "source",
+        "method": part.method, "router": part.router, "experts": point.experts, "active": point.active,
+        "shared": point.shared, "expert_width": part.expert_width,
+    }
+    with tracked_run("apply", f"{part.method}-{part.router}", params, tracking_uri):
+        log_artifacts(partition_dir / "partition.json")  # the partition's summary, per layer
+        with progress_bar() as progress:
+            task = progress.add_task("writing expert layers", total=ckpt.n_layers)
+            summary = apply(ckpt, part, out, DTYPES.get(dtype), progress=lambda: progress.advance(task))
+        log_metrics({key: value for key, value in summary.items() if isinstance(value, (int, float)) and not isinstance(value, bool)})
+        log_artifacts(out / "config.json", out / "checksums.json")
+    console.print(_summary_table(f"MoE checkpoint of {checkpoint}", {
+        "partition": f"{part.method}/{part.router}",
+        "experts × width": f"{point.experts} × {summary['expert_width']} (padded to {summary['padded_width']})",
+        "active (shared)": f"{point.active} ({point.shared})",
+        "layers": summary["n_layers"], "dtype": summary["dtype"],
+        "files / tensors": f"{summary['files']} / {summary['tensors']}", "size_mb": summary["size_mb"],
+        "write_s": summary["write_s"], "verify_s": summary["verify_s"], "written": str(out),
+    }))

@@ -1,0 +1,392 @@
+"""The MoE checkpoint folder: written from a dense checkpoint and a Partition, verified, loaded.
+
+On disk (format_version 1; DESIGN.md "Canonical objects"), with M the padded expert width:
+
+    config.json                      the source's config.json plus a "moe" section: format_version,
+                                     family, n_layers, d_model, d_ff, activation, gated, experts,
+                                     active, shared, expert_width (m = f/E), padded_width (M: m rounded
+                                     up to a multiple of 64), method, router, dtype, router_dtype,
+                                     source, fingerprints (FFNLayer.fingerprint() of each source layer),
+                                     partition_info
+    model.safetensors                every source tensor but the FFN projections and biases, under its
+                                     own name, unchanged (cast only when a dtype is asked for)
+    moe-layer-{i:04d}.safetensors    block i's experts, grouped and contiguous:
+                                         moe.layers.{i}.w_in           [E, M, d]
+                                         moe.layers.{i}.w_gate         [E, M, d]  gated families only
+                                         moe.layers.{i}.w_out          [E, d, M]
+                                         moe.layers.{i}.b_in           [E, M]     families with FFN biases
+                                         moe.layers.{i}.b_out          [d]        families with FFN biases
+                                         moe.layers.{i}.router.weight  [E, d]     float32
+                                         moe.layers.{i}.router.bias    [E]        float32
+                                         moe.layers.{i}.order          int64 [E·M]  source neuron, −1 = pad
+    checksums.json                   {"algorithm": "sha256", "files": {file: {tensor: digest}}}, each
+                                     digest over the tensor's dtype, shape and bytes
+    tokenizer / generation files     copied from the source folder
+
+Pad neurons have zero weights and zero b_in: they change no output (MoEFFN docstring).
+Expert tensors are in one file per layer so that writing and loading hold one layer at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from metanet.calib.capture import ENCODER_FAMILIES
+from metanet.checkpoints import Checkpoint
+from metanet.checkpoints.families import Layout, family_for
+from metanet.checkpoints.sources import SafetensorsSource
+from metanet.errors import MetanetError
+from metanet.moe.convert import install
+from metanet.moe.module import MoEFFN
+from metanet.atomic import replace_folder
+from metanet.partition.partition import OperatingPoint, Partition
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+PAD_MULTIPLE = 64  # expert width is rounded up to a multiple of this (GPU tiles)
+ROUTER_DTYPE = torch.float32  # routers stay float32 whatever the experts' dtype: routing decisions match the partition's
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+DENSE_FILE = "model.safetensors"
+CHECKSUM_FILE = "checksums.json"
+#: Files of the source folder that travel with the model (those present are copied).
+COPIED_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+    "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "chat_template.jinja", "generation_config.json",
+)
+#: Expert tensor name in the file (after `moe.layers.{i}.`) → MoEFFN attribute.
+EXPERT_TENSORS = {
+    "w_in": "w_in", "w_gate": "w_gate", "w_out": "w_out", "b_in": "b_in", "b_out": "b_out",
+    "router.weight": "router_weight", "router.bias": "router_bias", "order": "order",
+}
+
+
+def layer_file(i: int) -> str:
+    return f"moe-layer-{i:04d}.safetensors"
+
+
+# -- writing ----------------------------------------------------------------------------
+def check_partition(checkpoint: Checkpoint, partition: Partition, progress: Callable[[], None] | None = None) -> None:
+    """Raise MetanetError unless `partition` was made for `checkpoint`: same layer count, every layer's fingerprint.
+
+    Reads every FFN layer once; `progress()` is called after each.
+    """
+    partition.check_layer_count(checkpoint.n_layers)
+    for layer in checkpoint.layers():
+        partition.check_matches(layer.index, layer.fingerprint())
+        if progress:
+            progress()
+
+
+def apply(
+    checkpoint: Checkpoint,
+    partition: Partition,
+    out: str | Path,
+    dtype: torch.dtype | None = None,
+    pad_multiple: int = PAD_MULTIPLE,
+    progress: Callable[[], None] | None = None,
+) -> dict:
+    """Write the MoE checkpoint of `partition` applied to `checkpoint` into the folder `out`; returns a summary.
+
+    Before anything is written: the source must be a transformers checkpoint (not GGUF)
+    with the partition's layer count; `out` must not hold the source, and an existing `out`
+    must be an MoE checkpoint (it is replaced) or empty. Each layer's fingerprint is
+    compared with the partition's as the layer is read (use `check_partition` to refuse a
+    foreign partition before starting). The folder is built beside `out` under a temporary
+    name, then loaded back — every tensor re-read and checked against the checksum taken
+    while writing, the transformers model built from the files (a source lacking a tensor
+    its model needs is refused here) — and only then renamed to `out`. On any failure
+    nothing is left behind (no `out`, no temporary folder) and the error is a one-line
+    MetanetError.
+
+    `dtype` casts every floating tensor but the routers (float32); None keeps the source's.
+    `pad_multiple`: expert width rounded up to a multiple of it (1: no padding).
+    `progress()` is called after each layer written.
+    """
+    start = time.perf_counter()
+    out = Path(out)
+    source_folder = checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent
+    if checkpoint.source.format == "gguf":
+        raise MetanetError(f"{checkpoint.path}: apply needs a transformers checkpoint (config.json with safetensors or .bin), not GGUF")
+    if pad_multiple < 1:
+        raise MetanetError(f"pad multiple must be ≥ 1, got {pad_multiple}")
+    _check_destination(out, source_folder)
+    partition.check_layer_count(checkpoint.n_layers)
+    first_w_in = checkpoint.tensor_names(0)["w_in"]
+    dtype = dtype or checkpoint.source.read([first_w_in])[first_w_in].dtype
+    section = _moe_section(checkpoint, partition, dtype, pad_multiple)
+    tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"  # beside `out`, so that the final rename stays on one filesystem
+    try:
+        tmp.mkdir(parents=True)  # permissions from the umask, as for any folder the user creates
+    except OSError as exc:
+        raise MetanetError(f"cannot write MoE checkpoint {out}: {exc.strerror or exc}") from None
+    try:
+        checksums = _write(tmp, checkpoint, partition, section, source_folder, dtype, pad_multiple, progress)
+        written = time.perf_counter()
+        _read_model(tmp, dtype, source=checkpoint.path)  # every tensor re-read against its checksum, the model built from the files
+        verified = time.perf_counter()
+        size = sum(path.stat().st_size for path in tmp.iterdir())
+        replace_folder(tmp, out)
+    except OSError as exc:
+        raise MetanetError(f"cannot write MoE checkpoint {out}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("wrote and verified the MoE checkpoint %s (%d layers, %.1f MB)", out, checkpoint.n_layers, size / 1e6)
+    keys = ("family", "n_layers", "experts", "active", "shared", "expert_width", "padded_width", "dtype")
+    return {
+        "out": str(out), **{key: section[key] for key in keys},
+        "files": len(checksums), "tensors": sum(len(names) for names in checksums.values()), "size_mb": round(size / 1e6, 3),
+        "write_s": round(written - start, 3), "verify_s": round(verified - written, 3),
+    }
+
+
+def _moe_section(checkpoint: Checkpoint, partition: Partition, dtype: torch.dtype, pad_multiple: int) -> dict:
+    point, m = partition.point, partition.expert_width
+    return {
+        "format_version": FORMAT_VERSION,
+        "family": checkpoint.family.name,
+        "n_layers": checkpoint.n_layers,
+        "d_model": checkpoint.d_model,
+        "d_ff": checkpoint.d_ff,
+        "activation": checkpoint.layout.activation,
+        "gated": checkpoint.gated,
+        "experts": point.experts,
+        "active": point.active,
+        "shared": point.shared,
+        "expert_width": m,
+        "padded_width": m + -m % pad_multiple,
+        "method": partition.method,
+        "router": partition.router,
+        "dtype": _dtype_name(dtype),
+        "router_dtype": _dtype_name(ROUTER_DTYPE),
+        "source": str(checkpoint.path),
+        "fingerprints": partition.fingerprints,
+        "partition_info": partition.info,
+    }
+
+
+def _write(tmp: Path, checkpoint: Checkpoint, partition: Partition, section: dict, source_folder: Path,
+           dtype: torch.dtype, pad_multiple: int, progress: Callable[[], None] | None) -> dict[str, dict[str, str]]:
+    """Every file of the folder into `tmp`; returns the checksums written to checksums.json."""
+    config = dict(checkpoint.config)
+    for key in ("torch_dtype", "dtype"):  # the config states the weights' dtype where it stated one
+        if key in config:
+            config[key] = section["dtype"]
+    (tmp / "config.json").write_text(json.dumps({**config, "moe": section}, indent=2))
+    for name in COPIED_FILES:
+        if (source_folder / name).is_file():
+            shutil.copy2(source_folder / name, tmp / name)
+
+    ffn_names = {name for i in range(checkpoint.n_layers) for role, name in checkpoint.tensor_names(i).items() if not role.startswith("norm.")}
+    dense_names = [name for name in checkpoint.source.names() if name not in ffn_names]
+    dense = {name: _cast(t, dtype) for name, t in checkpoint.source.read(dense_names).items()}
+    checksums = {DENSE_FILE: _save(dense, tmp / DENSE_FILE)}
+    del dense
+    for layer in checkpoint.layers():  # one layer in memory at a time
+        i = layer.index
+        partition.check_matches(i, layer.fingerprint())
+        moe = MoEFFN.from_layer(layer, partition.layers[i], partition.point, pad_to=pad_multiple)
+        tensors = {}
+        for name, attr in EXPERT_TENSORS.items():
+            tensor = getattr(moe, attr)
+            if tensor is not None:
+                tensors[f"moe.layers.{i}.{name}"] = tensor.detach().to(ROUTER_DTYPE) if name.startswith("router.") else _cast(tensor.detach(), dtype)
+        checksums[layer_file(i)] = _save(tensors, tmp / layer_file(i))
+        if progress:
+            progress()
+    (tmp / CHECKSUM_FILE).write_text(json.dumps({"algorithm": "sha256", "files": checksums}, indent=2))
+    return checksums
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Floating tensors to `dtype`, others (integer buffers, order) unchanged; contiguous for safetensors."""
+    return (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous()
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, str]:
+    """Write one safetensors file; returns tensor name → digest, taken from the tensors in memory."""
+    digests = {name: _digest(tensor) for name, tensor in tensors.items()}
+    save_file(tensors, path, metadata={"format": "pt"})
+    return digests
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    """sha256 over dtype, shape and the raw bytes."""
+    digest = hashlib.sha256(f"{tensor.dtype}:{list(tensor.shape)}:".encode())
+    digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_destination(out: Path, source_folder: Path) -> None:
+    """Refuse an `out` that holds the source, or an existing file or folder that is not an MoE checkpoint."""
+    if source_folder.resolve().is_relative_to(out.resolve()):
+        raise MetanetError(f"--out {out} holds the source checkpoint; choose another folder")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise MetanetError(f"{out} exists and is not a folder; choose another --out")
+    if any(out.iterdir()):
+        try:
+            read_config(out)
+        except MetanetError:
+            raise MetanetError(f"{out} exists and is not an MoE checkpoint; choose another --out or remove it") from None
+
+
+# -- reading ----------------------------------------------------------------------------
+def read_config(folder: str | Path) -> tuple[dict, dict]:
+    """(config without its moe section, the moe section) of the MoE checkpoint in `folder`."""
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not folder.is_dir():
+        raise MetanetError(f"no such folder: {folder}")
+    if not config_file.is_file():
+        raise MetanetError(f"{folder}: not an MoE checkpoint (no config.json); write one with `metanet apply`")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MetanetError(f"{config_file}: broken JSON ({exc})") from None
+    moe = config.pop("moe", None) if isinstance(config, dict) else None
+    if not isinstance(moe, dict):
+        raise MetanetError(f"{folder}: not an MoE checkpoint (config.json has no 'moe' section); write one with `metanet apply`")
+    if moe.get("format_version") != FORMAT_VERSION:
+        raise MetanetError(f"{folder}: MoE checkpoint format {moe.get('format_version')!r}; this metanet reads format {FORMAT_VERSION}")
+    missing = [key for key in ("n_layers", "experts", "active", "shared", "dtype") if key not in moe]
+    if missing or not isinstance(getattr(torch, str(moe.get("dtype")), None), torch.dtype):
+        raise MetanetError(f"{config_file}: broken 'moe' section (missing {', '.join(missing) or 'nothing'}, dtype {moe.get('dtype')!r})")
+    return config, moe
+
+
+def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """The transformers model of the MoE checkpoint in `folder`, every FFN an MoEFFN, in eval mode on `device`.
+
+    Causal LMs come as their *ForCausalLM model with the checkpoint's generation config
+    and run `model.generate`; encoders (bert) as the bare model (`last_hidden_state`).
+    Every tensor is checked against checksums.json as it is read: a changed, missing or
+    unexpected tensor is a MetanetError. `dtype` casts every floating weight but the
+    routers (float32); None keeps the stored dtype.
+    """
+    folder = Path(folder)
+    model = _read_model(folder, dtype, source=folder)
+    if model.can_generate() and (folder / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+    return model.to(device).eval()
+
+
+def _read_model(folder: Path, dtype: torch.dtype | None, source: Path) -> nn.Module:
+    """The MoE model of `folder` on the CPU, every tensor checked; `source` is named when a needed tensor is missing."""
+    config, moe = read_config(folder)
+    checksums = _read_checksums(folder, moe)
+    family = family_for(config)
+    layout = family.layout(config)
+    if layout.n_layers != moe["n_layers"]:
+        raise MetanetError(f"{folder}: config.json describes {layout.n_layers} layers, its moe section {moe['n_layers']}")
+    dtype = dtype or getattr(torch, moe["dtype"])
+    point = OperatingPoint(moe["experts"], moe["active"], moe["shared"])
+    modules = [
+        _moe_module(_read_verified(folder / layer_file(i), checksums[layer_file(i)]), i, layout, family.name, point, dtype)
+        for i in range(layout.n_layers)
+    ]
+    dense = _read_verified(folder / DENSE_FILE, checksums[DENSE_FILE])
+    model = _build_model(config, family.name, dense, modules, dtype, source)
+    log.info("loaded the MoE checkpoint %s: %d %s layers, E=%d, k=%d, %s", folder, len(modules), family.name, point.experts, point.active, _dtype_name(dtype))
+    return model
+
+
+def _read_checksums(folder: Path, moe: dict) -> dict[str, dict[str, str]]:
+    """File → {tensor → digest}; the files must be exactly model.safetensors and one per layer."""
+    try:
+        files = json.loads((folder / CHECKSUM_FILE).read_text())["files"]
+    except FileNotFoundError:
+        raise MetanetError(f"{folder}: no {CHECKSUM_FILE}: not a complete MoE checkpoint; write it again with `metanet apply`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise MetanetError(f"{folder / CHECKSUM_FILE}: broken ({type(exc).__name__}: {exc})") from None
+    expected = [DENSE_FILE, *(layer_file(i) for i in range(moe["n_layers"]))]
+    if not isinstance(files, dict) or sorted(files) != sorted(expected):
+        raise MetanetError(f"{folder / CHECKSUM_FILE}: lists other files than {DENSE_FILE} and {moe['n_layers']} layer files")
+    return files
+
+
+def _read_verified(path: Path, digests: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file, each checked against its digest."""
+    if not path.is_file():
+        raise MetanetError(f"{path}: missing: the MoE checkpoint is incomplete; write it again with `metanet apply`")
+    source = SafetensorsSource([path])  # CheckpointError for a truncated or corrupt file
+    names = set(source.names())
+    if names != set(digests):
+        missing, extra = sorted(set(digests) - names), sorted(names - set(digests))
+        raise MetanetError(f"{path}: tensors differ from {CHECKSUM_FILE} (missing: {', '.join(missing) or 'none'}; unexpected: {', '.join(extra) or 'none'})")
+    tensors = source.read(sorted(names))
+    for name, tensor in tensors.items():
+        if _digest(tensor) != digests[name]:
+            raise MetanetError(f"{path}: checksum mismatch for tensor {name}: the file changed after it was written; write it again with `metanet apply`")
+    return tensors
+
+
+def _moe_module(tensors: dict[str, torch.Tensor], i: int, layout: Layout, family: str, point: OperatingPoint, dtype: torch.dtype) -> MoEFFN:
+    """Block i's MoEFFN from its stored tensors: experts cast to `dtype`, router float32."""
+    prefix = f"moe.layers.{i}."
+    expected = {"w_in", "w_out", "router.weight", "router.bias", "order"} | {role for role in ("w_gate", "b_in", "b_out") if role in layout.patterns}
+    stored = {name.removeprefix(prefix) for name in tensors}
+    if stored != expected:
+        raise MetanetError(f"layer {i}: stored expert tensors {sorted(stored)}, a {family} layer needs {sorted(expected)}")
+    kwargs = {
+        attr: tensors[prefix + name].to(ROUTER_DTYPE) if name.startswith("router.") else _cast(tensors[prefix + name], dtype)
+        for name, attr in EXPERT_TENSORS.items() if name in stored
+    }
+    return MoEFFN(**kwargs, point=point, activation=layout.activation, index=i, family=family)
+
+
+# -- the transformers model around the experts -----------------------------------------------
+def _build_model(config: dict, family: str, dense: dict[str, torch.Tensor], modules: list[MoEFFN], dtype: torch.dtype, source: Path) -> nn.Module:
+    """transformers builds the model `config` describes from the non-FFN tensors `dense` (it knows each
+    family's tensor names, renamings, tied embeddings and buffers); its FFNs are then swapped for `modules`.
+
+    Causal LMs get their *ForCausalLM class, encoders their bare model (as `load_model_and_tokenizer`).
+    transformers fills the dense FFN weights it does not find with random values; they are
+    dropped by the swap. Any other weight without a tensor is a MetanetError naming `source`.
+    """
+    from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
+    from transformers.utils import logging as transformers_logging
+
+    hf_config = CONFIG_MAPPING[config["model_type"]].from_dict(config)
+    model_class = (MODEL_MAPPING if family in ENCODER_FAMILIES else MODEL_FOR_CAUSAL_LM_MAPPING)[type(hf_config)]
+    transformers_logging.disable_progress_bar()
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # its load report lists the dense FFN weights as missing: they are, on purpose
+    try:
+        model, info = model_class.from_pretrained(
+            None, config=hf_config, state_dict=dense, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True,
+        )
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    if info["unexpected_keys"]:
+        log.debug("%d stored tensors not used by %s: %s", len(info["unexpected_keys"]), model_class.__name__, ", ".join(sorted(info["unexpected_keys"])[:5]))
+    if info["mismatched_keys"]:
+        key, stored, expected = sorted(info["mismatched_keys"])[0]
+        raise MetanetError(f"{source}: shape mismatch: {key} is {list(stored)}, {model_class.__name__} expects {list(expected)}")
+    dense_keys = set(model.state_dict())
+    install(model, family, modules)
+    ffn_keys = dense_keys - set(model.state_dict())  # the weights the MoEFFNs replaced
+    missing = sorted(set(info["missing_keys"]) - ffn_keys)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise MetanetError(f"{source}: missing tensor {missing[0]}{more} (needed by {model_class.__name__})")
+    return model
