@@ -71,6 +71,24 @@ def test_balanced_assignments_fill_every_cluster_exactly_and_the_optimum_is_no_w
     assert total(optimal) <= total(greedy) + 1e-9
 
 
+def _greedy_walk(cost: torch.Tensor, capacity: int) -> torch.Tensor:
+    """The definition of the greedy assignment: every (item, cluster) pair in increasing (cost, flat index) order."""
+    n, k = cost.shape
+    assign, room = [-1] * n, [capacity] * k
+    for flat in sorted(range(n * k), key=lambda i: (float(cost.flatten()[i]), i)):
+        item, cluster = divmod(flat, k)
+        if assign[item] < 0 and room[cluster] > 0:
+            assign[item], room[cluster] = cluster, room[cluster] - 1
+    return torch.tensor(assign)
+
+
+@pytest.mark.parametrize("k, capacity, rounded", [(4, 3, False), (7, 5, True), (16, 6, False), (5, 9, True)])
+def test_vectorised_greedy_assignment_equals_the_pair_by_pair_walk(k, capacity, rounded):
+    cost = torch.randn(k * capacity, k, generator=torch.Generator().manual_seed(k))
+    cost = cost.round() if rounded else cost  # many exact ties
+    assert torch.equal(balanced_assign(cost, capacity), _greedy_walk(cost, capacity))
+
+
 def test_balanced_kmeans_recovers_planted_clusters():
     generator = torch.Generator().manual_seed(0)
     centers = torch.nn.functional.normalize(torch.randn(4, 16, generator=generator), dim=1)

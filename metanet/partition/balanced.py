@@ -1,7 +1,7 @@
 """Balanced assignment of n items to K clusters of exactly `capacity` items each (n = K·capacity).
 
 `balanced_assign` is greedy: all (item, cluster) pairs in increasing cost, each taken
-while both item and cluster are free; `optimal_balanced_assign` solves the same problem
+while both item and cluster are free (computed in vectorised rounds); `optimal_balanced_assign` solves the same problem
 exactly as a linear assignment (scipy) on an n × n cost matrix, for moderate n.
 `balanced_kmeans` alternates a balanced assignment with centroid updates (Lloyd's
 algorithm under equal cluster sizes), on the unit sphere when `spherical`.
@@ -17,22 +17,31 @@ OPTIMAL_ASSIGN_LIMIT = 4096
 
 
 def balanced_assign(cost: torch.Tensor, capacity: int) -> torch.Tensor:
-    """Greedy balanced assignment.   cost: [n, K] (lower is better) → cluster id [n] int64."""
+    """Greedy balanced assignment.   cost: [n, K] (lower is better) → cluster id [n] int64.
+
+    Same result as walking all n·K pairs in increasing (cost, flat index) order, but in at most
+    K vectorised rounds: every free item proposes its cheapest cluster with room; proposals are
+    accepted in (cost, flat index) order up to and including the one that fills a cluster first
+    (until then the walk would accept each of them, since no proposal's cluster is full yet).
+    """
     n, k = cost.shape
     if n != k * capacity:
         raise ValueError(f"{n} items cannot fill {k} clusters of {capacity}")
-    order = np.argsort(cost.detach().double().cpu().numpy(), axis=None, kind="stable")
+    costs = cost.detach().double().cpu().numpy()
     assign = np.full(n, -1, dtype=np.int64)
     room = np.full(k, capacity, dtype=np.int64)
-    remaining = n
-    for flat in order:
-        item, cluster = divmod(int(flat), k)
-        if assign[item] < 0 and room[cluster] > 0:
-            assign[item] = cluster
-            room[cluster] -= 1
-            remaining -= 1
-            if remaining == 0:
-                break
+    free = np.arange(n)
+    while free.size:
+        open_costs = np.where(room > 0, costs[free], np.inf)  # [n_free, K]
+        best = open_costs.argmin(axis=1)  # ties → lowest cluster, i.e. lowest flat index
+        order = np.lexsort((free * k + best, open_costs[np.arange(free.size), best]))
+        clusters = best[order]
+        rank = np.cumsum(np.eye(k, dtype=np.int64)[clusters], axis=0)[np.arange(clusters.size), clusters] - 1
+        fills = np.flatnonzero(rank == room[clusters] - 1)
+        taken = order[: fills[0] + 1] if fills.size else order
+        assign[free[taken]] = best[taken]
+        room -= np.bincount(best[taken], minlength=k)
+        free = np.flatnonzero(assign < 0)
     return torch.from_numpy(assign)
 
 
