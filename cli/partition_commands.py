@@ -129,15 +129,39 @@ def eval_command(
     model, tokenizer = load_model_and_tokenizer(ckpt)
     heldout = _text_split(ckpt, model, tokenizer, "heldout", heldout_tokens, docs)
     params = {"checkpoint": checkpoint, "partition": str(partition_dir), "method": part.method, "router": part.router}
-    with tracked_run("eval", f"{part.method}-{part.router}", params, tracking_uri):
+    with tracked_run("eval", f"{part.method}-{part.router}", params, tracking_uri) as run:
         with progress_bar() as progress:
             task = progress.add_task("evaluating layers", total=ckpt.n_layers)
             report = evaluate(ckpt, part, heldout, model, progress=lambda: progress.advance(task))
         log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        plots = _log_eval_plots(ckpt, part, heldout, report)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
     console.print(_summary_table(f"{part.method}/{part.router} on {checkpoint}", {k: v for k, v in report.items() if k != "layers"}))
+    console.print(f"plots {', '.join(plots)} logged to MLflow run {run.info.run_id} (`metanet runs show {run.info.run_id}`)")
+
+
+def _log_eval_plots(ckpt, part, heldout, report: dict) -> list[str]:
+    """Expert load per layer and a picture of the middle layer's partition (activation rates on the
+    held-out inputs), logged as PNG artifacts of the active MLflow run; returns their file names."""
+    import tempfile
+
+    from metanet.calib import neuron_stats
+    from metanet.eval.plots import plot_expert_load_by_layer, plot_layer_partition
+    from metanet.tracking import log_artifacts
+
+    index = ckpt.n_layers // 2
+    rate = neuron_stats(ckpt.layer(index), heldout.ffn_inputs.layers[index]).activation_rate
+    shared = part.point.shared
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [
+            plot_expert_load_by_layer(report["layers"], Path(tmp) / "expert_load_by_layer.png", shared),
+            plot_layer_partition(part.layers[index].assign, rate, Path(tmp) / f"partition_layer{index}.png", shared,
+                                 f"{part.method} partition of layer {index}: neurons by expert, coloured by held-out activation rate"),
+        ]
+        log_artifacts(*files)
+    return [file.name for file in files]
 
 
 @app.command()

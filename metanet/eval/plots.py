@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 
@@ -50,6 +51,76 @@ def plot_expert_load(loads: dict[str, list[float]], path: str | Path, title: str
         ax.set_ylabel(label, rotation=0, ha="right", fontsize=8)
     axes[-1, 0].set_xlabel("expert rank (busiest first; shared experts receive every token)")
     fig.suptitle(title or "held-out tokens per expert, mean over layers (dashed: mean)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_expert_load_by_layer(layers: list[dict], path: str | Path, shared: int = 0, title: str = "") -> Path:
+    """A grid of bar charts, one per layer: held-out tokens each expert received, by expert id.
+
+    `layers` is `evaluate`'s report["layers"] (each with "index", "expert_load" and
+    "load_cv"). The first `shared` experts (grey) receive every token; the dashed line is
+    the perfectly balanced load of the routed ones.
+    """
+    plt = _pyplot()
+    cols = min(3, len(layers))
+    rows = -(-len(layers) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.2 * rows + 0.7), squeeze=False, sharey=True)
+    for ax, layer in zip(axes.flat, layers):
+        load = layer["expert_load"]
+        routed = load[shared:]
+        ax.bar(range(len(load)), load, color=["tab:gray"] * shared + ["tab:blue"] * len(routed))
+        if routed:
+            ax.axhline(sum(routed) / len(routed), color="tab:red", lw=1, ls="--")
+        ax.set_title(f"layer {layer['index']}  (load_cv {layer['load_cv']:.2f})", fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(layers) :]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("expert id", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("tokens", fontsize=8)
+    fig.suptitle(title or "held-out tokens per expert (grey: shared; dashed: balanced load)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_layer_partition(assign, activation_rate, path: str | Path, shared: int = 0, title: str = "") -> Path:
+    """One layer's partition as a picture: every hidden neuron a bar, grouped by expert.
+
+    assign: int [f] expert id per neuron; activation_rate: float [f] in [0, 1] (tensors or
+    arrays, e.g. NeuronStats.activation_rate). Neurons are ordered by expert id, then by
+    activation rate (highest first); bar height and colour are the activation rate,
+    vertical lines mark expert boundaries, a black tick each expert's mean rate, and the
+    first `shared` experts are shaded.
+    """
+    import numpy as np
+
+    plt = _pyplot()
+    assign, rate = np.asarray(assign).astype(int), np.asarray(activation_rate, dtype=float)
+    order = np.lexsort((-rate, assign))  # by expert, then busiest first
+    sizes = np.bincount(assign)
+    edges = np.concatenate([[0], np.cumsum(sizes)])
+    colour, norm = plt.get_cmap("viridis"), plt.Normalize(0, max(rate.max(), 1e-12))
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    ax.bar(np.arange(len(rate)), rate[order], width=1.0, color=colour(norm(rate[order])), linewidth=0)
+    for expert, (start, stop) in enumerate(itertools.pairwise(edges)):
+        if expert < shared:
+            ax.axvspan(start - 0.5, stop - 0.5, color="0.85", zorder=0)
+        if stop > start:
+            ax.hlines(rate[order][start:stop].mean(), start - 0.5, stop - 0.5, color="black", lw=1.5)
+    ax.vlines(edges[1:-1] - 0.5, 0, 1, transform=ax.get_xaxis_transform(), color="tab:red", lw=0.6)
+    if len(sizes) <= 32:
+        ax.set_xticks((edges[:-1] + edges[1:]) / 2 - 0.5, [str(e) for e in range(len(sizes))], fontsize=7)
+    ax.set_xlim(-0.5, len(rate) - 0.5)
+    ax.set_xlabel("expert (neurons sorted by activation rate inside each" + ("; shaded: shared)" if shared else ")"))
+    ax.set_ylabel("activation rate")
+    ax.set_title(title or "neurons grouped by expert, coloured by activation rate (black: expert mean)")
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=colour), ax=ax, pad=0.01, label="activation rate")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
