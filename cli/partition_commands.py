@@ -58,11 +58,11 @@ def _summary_table(title: str, rows: dict) -> Table:
 @app.command()
 def partition(
     checkpoint: str = typer.Argument(..., help=CHECKPOINT_HELP),
-    method: str = typer.Option(..., "--method", "-m", help="random | kmeans | joint | coact | cmoe"),
+    method: str = typer.Option(..., "--method", "-m", help="random | kmeans | joint | coact | cmoe | metanet | metanet-data"),
     experts: int = typer.Option(16, "--experts", "-E", help="Experts per layer, shared included."),
     active: int = typer.Option(4, "--active", "-k", help="Experts a token runs, shared included."),
     shared: int = typer.Option(0, "--shared", "-s", help="Always-active experts (taken first)."),
-    router: Optional[str] = typer.Option(None, "--router", help="centroid | scaled | cmoe | lsq | mlp (default: the method's own)."),
+    router: Optional[str] = typer.Option(None, "--router", help="centroid | scaled | cmoe | lsq | mlp | metanet (default: the method's own)."),
     corpus: Optional[str] = typer.Option(None, "--corpus", help=CORPUS_HELP),
     calib_tokens: int = typer.Option(4096, "--calib-tokens", help="Calibration tokens for data-driven methods and routers."),
     width_multiple: int = typer.Option(8, "--width-multiple", help="Expert width must be a multiple of this."),
@@ -72,27 +72,40 @@ def partition(
     config: Optional[Path] = config_option(),
 ) -> None:
     """Carve every FFN layer into experts with one method and fit a router; write a Partition folder."""
+    run_partition(checkpoint, method, _point(experts, active, shared, width_multiple), router, corpus, calib_tokens, seed, out,
+                  tracking_uri, experiment="partition")
+
+
+def run_partition(checkpoint: str, method: str, point, router: Optional[str], corpus: Optional[str], calib_tokens: int, seed: int,
+                  out: Path, tracking_uri: Optional[str], experiment: str, model: Optional[str] = None) -> None:
+    """What `metanet partition` and `metanet predict` share: calibrate when needed, partition every layer
+    with a progress bar, write the folder, log one MLflow run in `experiment`, print a summary."""
     from metanet.calib import load_corpus, load_model_and_tokenizer
     from metanet.checkpoints import open_checkpoint
-    from metanet.partition.make import make_partition, needs_calibration, resolve_router
+    from metanet.partition.make import METANET_METHODS, METANET_ROUTER, make_partition, needs_calibration, resolve_router
     from metanet.tracking import log_artifacts, log_metrics, tracked_run
 
     ckpt = open_checkpoint(checkpoint)
-    point = _point(experts, active, shared, width_multiple)
     point.expert_width(ckpt.d_ff)
     router = resolve_router(method, router)
+    net = None
+    if method in METANET_METHODS or router == METANET_ROUTER:
+        from metanet.model.store import load_model
+
+        net = load_model(model, tracking_uri)
     calibration, split = None, None
     if needs_calibration(method, [router]):
         docs = load_corpus(corpus)
-        model, tokenizer = load_model_and_tokenizer(ckpt)
-        split = _text_split(ckpt, model, tokenizer, "calibration", calib_tokens, docs, seed)
+        lm, tokenizer = load_model_and_tokenizer(ckpt)
+        split = _text_split(ckpt, lm, tokenizer, "calibration", calib_tokens, docs, seed)
         calibration = _layer_calibration(ckpt, split)
-    params = {"checkpoint": checkpoint, "method": method, "router": router, "experts": experts, "active": active, "shared": shared, "seed": seed}
-    with tracked_run("partition", f"{method}-{router}", params, tracking_uri):
+    params = {"checkpoint": checkpoint, "method": method, "router": router, "experts": point.experts, "active": point.active,
+              "shared": point.shared, "seed": seed, **({"model": model or "shipped"} if net is not None else {})}
+    with tracked_run(experiment, f"{method}-{router}", params, tracking_uri) as run:
         with progress_bar() as progress:
             task = progress.add_task(f"{method} partition", total=ckpt.n_layers)
             result = make_partition(
-                ckpt, method, point, router, calibration=calibration, seed=seed,
+                ckpt, method, point, router, calibration=calibration, seed=seed, metanetwork=net,
                 calib_tokens=split.n_tokens if split else 0, calib_seconds=split.seconds if split else 0.0,
                 progress=lambda: progress.advance(task),
             )
@@ -100,9 +113,9 @@ def partition(
         log_metrics({"convert_s": result.info["convert_s"], "calib_tokens": result.info["calib_tokens"]})
         log_artifacts(out / "partition.json")
     console.print(_summary_table(f"{method} partition of {checkpoint}", {
-        "experts × width": f"{experts} × {result.expert_width}", "active (shared)": f"{active} ({shared})",
+        "experts × width": f"{point.experts} × {result.expert_width}", "active (shared)": f"{point.active} ({point.shared})",
         "router": router, "layers": len(result.layers), "convert_s": result.info["convert_s"],
-        "calib_tokens": result.info["calib_tokens"], "written": str(out),
+        "calib_tokens": result.info["calib_tokens"], "written": str(out), "MLflow run": run.info.run_id,
     }))
 
 

@@ -2,7 +2,8 @@
 
 Tracking URI, in order: the command's `--tracking-uri`, the MLFLOW_TRACKING_URI
 environment variable, else `sqlite:///mlflow.db` in the working folder (open it with
-`mlflow ui --backend-store-uri sqlite:///mlflow.db`).
+`mlflow ui --backend-store-uri sqlite:///mlflow.db`). Experiments created in a sqlite store keep
+their artifacts in `mlruns/` beside the database file, not in whatever folder a command ran from.
 """
 
 from __future__ import annotations
@@ -27,11 +28,29 @@ def tracked_run(experiment: str, run_name: str, params: dict, tracking_uri: str 
 
     for noisy in ("alembic", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    uri = resolve_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    ensure_experiment(experiment, uri)
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=run_name) as run:
         mlflow.log_params({key: str(value)[:500] for key, value in params.items()})
         yield run
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where new experiments of a sqlite store keep artifacts: `mlruns/` beside the database (None: the server decides)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
+
+
+def ensure_experiment(name: str, uri: str) -> None:
+    """Create experiment `name` in the store at `uri` unless it exists, with `artifact_location(uri)`."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    if client.get_experiment_by_name(name) is None:
+        client.create_experiment(name, artifact_location=artifact_location(uri))
 
 
 def log_metrics(metrics: dict[str, float], prefix: str = "") -> None:

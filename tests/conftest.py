@@ -97,3 +97,17 @@ def trained_lm(tmp_path_factory) -> Path:
     from trained_lm import train_tiny_causal_lm
 
     return train_tiny_causal_lm(tmp_path_factory.mktemp("trained-lm") / "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory) -> Path:
+    """The zoo of configs/zoo-tiny.yaml (12 members, ~30 s), built once per session."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    out = tmp_path_factory.mktemp("zoo") / "tiny"
+    config = Path(__file__).parents[1] / "configs" / "zoo-tiny.yaml"
+    result = CliRunner().invoke(app, ["zoo", "build", "--config", str(config), "--out", str(out), "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    return out

@@ -4,7 +4,8 @@ import torch
 
 from metanet.checkpoints import open_checkpoint
 from metanet.model import MetaNetConfig, MetaNetwork
-from metanet.model.soft import co_membership_loss, reconstruction_loss, sinkhorn, soft_partition
+from metanet.model.soft import co_membership_loss, reconstruction_loss, sinkhorn, soft_moe, soft_partition
+from metanet.partition import OperatingPoint
 
 
 def test_sinkhorn_gives_balanced_rows_and_columns():
@@ -29,13 +30,38 @@ def test_reconstruction_loss_is_label_invariant_zero_with_every_expert_and_reach
     x = torch.randn(64, layer.d_model, generator=torch.Generator().manual_seed(2))
     torch.manual_seed(0)
     net = MetaNetwork(MetaNetConfig(width=16, depth=2))
-    out = net.heads(net.embed(layer)[0])
-    p = soft_partition(out["z"], 8, 16)
+    with torch.no_grad():  # make the zero-initialised heads' corrections non-zero, so gradients reach every layer
+        net.input_head[-1].weight.normal_(0, 0.1)
+    out = net.neuron_outputs(layer)
+    p = soft_partition(out.space, 8, 16)
     assert p.max(1).values.mean() > 0.3  # neurons are told apart: not the uniform 1/8 of collapsed embeddings
     relabel = torch.randperm(8)
-    loss = reconstruction_loss(layer, x, p, out["alpha"], k=2)
-    torch.testing.assert_close(reconstruction_loss(layer, x, p[:, relabel], out["alpha"], k=2), loss)
-    assert reconstruction_loss(layer, x, p, out["alpha"], k=8) < 1e-10 < loss  # every expert kept: the dense layer
+    point, every = OperatingPoint(8, 2, width_multiple=1), OperatingPoint(8, 8, width_multiple=1)
+    loss = reconstruction_loss(layer, x, p, out, point)
+    torch.testing.assert_close(reconstruction_loss(layer, x, p[:, relabel], out, point), loss, rtol=1e-4, atol=1e-6)
+    assert reconstruction_loss(layer, x, p, out, every) < 1e-10 < loss  # every expert kept: the dense layer
     loss.backward()
-    for head in (net.cluster_head, net.router_head, net.layers[0]):
+    for head in (net.cluster_head, net.input_head, net.layers[0]):
         assert any(param.grad is not None and param.grad.abs().sum() > 0 for param in head.parameters())
+    assert net.mix.grad.abs().sum() > 0
+
+
+def test_straight_through_values_are_the_hard_partition_and_top_k(tiny_models):
+    from metanet.eval.metrics import layer_metrics
+    from metanet.model.network import expert_router
+    from metanet.partition import LayerPartition
+
+    layer = open_checkpoint(tiny_models["gpt2"].path).layer(0)
+    x = torch.randn(256, layer.d_model, generator=torch.Generator().manual_seed(3))
+    net = MetaNetwork(MetaNetConfig(width=16, depth=2)).eval()
+    point = OperatingPoint(8, 2, width_multiple=1)
+    with torch.no_grad():
+        out = net.neuron_outputs(layer)
+        p = soft_partition(out.space, 8, 16, straight_through=True)
+        assign = p.argmax(1)
+        assert torch.equal(assign, net.assign(out, layer.d_ff, point, 16))
+        torch.testing.assert_close(p, torch.nn.functional.one_hot(assign, 8).float(), rtol=0, atol=1e-6)  # hard values
+        y, y_moe, gates = soft_moe(layer, x, p, out, point, synthetic_tokens=2048, straight_through=True)
+        hard = layer_metrics(layer, LayerPartition(assign, *expert_router(layer, assign, out, 8)), point, x)
+    torch.testing.assert_close(gates, gates.round(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(((y - y_moe).pow(2).sum() / y.pow(2).sum()).sqrt().item(), hard["rel_error"], rtol=1e-4, atol=1e-6)

@@ -38,14 +38,6 @@ def model_times(zoo: Path) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def tiny_zoo(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("zoo") / "tiny"
-    result = build(out, "--workers", "2")
-    assert result.exit_code == 0, result.output
-    return out
-
-
-@pytest.fixture(scope="module")
 def rows(tiny_zoo) -> list[dict]:
     return read_manifest(tiny_zoo)
 

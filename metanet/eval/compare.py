@@ -38,6 +38,7 @@ class CompareSettings:
     calib_tokens: int = 4096
     heldout_tokens: int = 4096
     model_quality: bool = True
+    metanetwork: object = None  # MetaNetwork for the metanet methods and router; None: the shipped one
 
 
 def compare(checkpoint: Checkpoint, settings: CompareSettings, progress: Callable[[str], None] | None = None) -> list[dict]:
@@ -68,6 +69,7 @@ def compare(checkpoint: Checkpoint, settings: CompareSettings, progress: Callabl
                 seed=seed,
                 calib_tokens=calib_split.n_tokens if calib_split else 0,
                 calib_seconds=calib_split.seconds if calib_split else 0.0,
+                metanetwork=settings.metanetwork,
             )
             for router, partition in partitions.items():
                 report = evaluate(checkpoint, partition, heldout, model if settings.model_quality else None, reference)

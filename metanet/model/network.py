@@ -1,18 +1,30 @@
-"""The metanetwork: one forward pass over an FFN layer's parameter graph → neuron embeddings,
+"""The metanetwork: one forward pass over an FFN layer's parameter graph → per-neuron outputs,
 and from them a balanced expert assignment and a router.
 
     features (metanet.model.features)  →  L × BipartiteLayer  →  h [f, w], r [d, w]
-    importance_j = MLP(h_j)                       which neurons form the shared experts
-    z_j = normalise(u_j − mean_j' u_j'), u = MLP(h)  clustering space of the routed experts (centred: the
-                                                    component all neurons share says nothing about clusters)
-    α_j = softplus(MLP(h_j))                       each neuron's weight in its expert's router
+
+Per-neuron heads (`NeuronOutputs`), all reading LayerNorm(h_j):
+    importance_j = log(‖w_in_j‖·‖w_out[:, j]‖(·‖w_gate_j‖)) + MLP_i(h_j)
+                   which neurons form the shared experts; starts at the data-free proxy of the baselines
+    space_j      = [√π₁ â_j (‖ ĝ_j),  √π₂ ô_j,  √π₃ ẑ_j],  ẑ = normalise(u − mean_j' u_j'), u = MLP_z(h)
+                   the clustering space: the kmeans baseline's normalised input rows, the output columns and a
+                   learned embedding (centred: a component all neurons share says nothing about clusters),
+                   mixed by π = softmax(mix), which starts close to the kmeans baseline (π₁ ≈ 0.96)
+
+and per residual coordinate i, reading LayerNorm(r_i):
+    (σ_i, μ_i)   = 2·tanh(MLP_x(r_i) / 2)   a model of the layer's inputs (metanet.model.synthetic):
+                   x_i = γ_i e^{σ_i} z_i + β_i + γ_i μ_i with z ~ N(0, 1), γ, β the FFN's norm weight and bias;
+                   it starts at the norm's own scale and offset (σ = μ = 0)
 
 Assignment: the s·m most important neurons form the shared experts; the rest are split into
-E − s equal experts by balanced spherical k-means on z with a deterministic farthest-point
+E − s equal experts by balanced spherical k-means in `space` with a deterministic farthest-point
 start, so the same weights always give the same partition and permuting neurons permutes it.
-Router: W_e = Σ_{j∈e} α_j w_in_j / Σ_{j∈e} α_j and b_e likewise with b_in, a learned
-generalisation of the `scaled` router; it lives in the layer's own residual basis.
-Works for any d and f (all aggregations are means) and any E dividing f.
+Router (`expert_router`): the least-squares fit [X 1]·[W b]ᵀ ≈ S of the oracle expert scores
+S_te = ‖y_e(x_t)‖ on synthetic inputs X drawn from that input model — the `lsq` router, with the
+calibration text replaced by what the network predicts about the inputs. No text is read.
+Works for any d and f (all aggregations are means) and any E dividing f. Invariance to ReLU
+rescaling: features, importance and assignment are invariant (by normalisation); the router is
+invariant in distribution (it fits invariant oracle scores, on noise that the rescaling redraws).
 """
 
 from __future__ import annotations
@@ -20,22 +32,38 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from metanet.calib.stats import NeuronStats
 from metanet.checkpoints import FFNLayer
 from metanet.model.features import EDGE_CHANNELS, HIDDEN_FEATURES, RESIDUAL_FEATURES, layer_features
 from metanet.model.layers import BipartiteLayer, mlp
+from metanet.model.synthetic import synthetic_inputs
+from metanet.moe.routing import expert_output_norms
 from metanet.partition.balanced import balanced_kmeans
+from metanet.partition.least_squares import least_squares
 from metanet.partition.partition import LayerPartition, OperatingPoint
+
+_EPS = 1e-12
+INPUT_BOUND = 2.0  # |σ|, |μ| ≤ 2
+SYNTHETIC_TOKENS = 2048  # synthetic inputs the router is fitted on
 
 
 @dataclass(frozen=True)
 class MetaNetConfig:
     width: int = 64
     depth: int = 4
-    embedding: int = 32  # size of the clustering space z
+    embedding: int = 32  # size of the learned part ẑ of the clustering space
     kmeans_iters: int = 25
+
+
+@dataclass
+class NeuronOutputs:
+    importance: torch.Tensor  # [f]
+    space: torch.Tensor  # [f, D] unit rows, D = (d or 2d) + d + embedding
+    input_scale: torch.Tensor  # [d] σ: log-scale of each input coordinate relative to the norm weight γ
+    input_shift: torch.Tensor  # [d] μ: offset of each input coordinate in units of γ
 
 
 class MetaNetwork(nn.Module):
@@ -46,9 +74,12 @@ class MetaNetwork(nn.Module):
         self.embed_hidden = mlp(HIDDEN_FEATURES, w, w)
         self.embed_residual = mlp(RESIDUAL_FEATURES, w, w)
         self.layers = nn.ModuleList(BipartiteLayer(w, EDGE_CHANNELS) for _ in range(config.depth))
-        self.importance_head = mlp(w, w, 1)
+        self.head_norm = nn.LayerNorm(w)
+        self.importance_head = _zero_last(mlp(w, w, 1))
         self.cluster_head = mlp(w, w, config.embedding)
-        self.router_head = mlp(w, w, 1)
+        self.input_norm = nn.LayerNorm(w)
+        self.input_head = _zero_last(mlp(w, w, 2))
+        self.mix = nn.Parameter(torch.tensor([2.0, -2.0, -2.0]))  # input rows, output columns, learned embedding
 
     def embed(self, layer: FFNLayer, stats: NeuronStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Node states after message passing: (h [f, w], r [d, w])."""
@@ -58,29 +89,54 @@ class MetaNetwork(nn.Module):
             h, r = block(h, r, features.edges)
         return h, r
 
-    def heads(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
-        """importance [f], cluster embedding z [f, embedding] (unit rows), router weight α [f] > 0."""
-        return {
-            "importance": self.importance_head(h).squeeze(1),
-            "z": nn.functional.normalize(centred(self.cluster_head(h)), dim=1),
-            "alpha": nn.functional.softplus(self.router_head(h).squeeze(1)),
-        }
+    def neuron_outputs(self, layer: FFNLayer, stats: NeuronStats | None = None) -> NeuronOutputs:
+        h, r = self.embed(layer, stats)
+        h = self.head_norm(h)
+        w_in, w_out = layer.w_in.float(), layer.w_out.float()
+        scale = w_out.norm(dim=0)  # [f]
+        rows = [F.normalize(w_in, dim=1)]
+        if layer.w_gate is not None:
+            scale = scale * layer.w_gate.float().norm(dim=1)
+            rows.append(F.normalize(layer.w_gate.float(), dim=1))
+        inputs = torch.cat(rows, dim=1) / len(rows) ** 0.5  # [f, d or 2d], unit rows: the kmeans baseline's features
+        outputs = F.normalize(w_out.T, dim=1)  # [f, d]
+        learned = F.normalize(centred(self.cluster_head(h)), dim=1)  # [f, embedding]
+        pi = torch.softmax(self.mix, dim=0)
+        space = torch.cat([pi[0].sqrt() * inputs, pi[1].sqrt() * outputs, pi[2].sqrt() * learned], dim=1)
+        input_scale, input_shift = (INPUT_BOUND * torch.tanh(self.input_head(self.input_norm(r)) / INPUT_BOUND)).unbind(1)
+        log_scale = (w_in.norm(dim=1) * scale).clamp(min=_EPS).log()
+        return NeuronOutputs(
+            importance=log_scale + self.importance_head(h).squeeze(1),
+            space=space,
+            input_scale=input_scale,
+            input_shift=input_shift,
+        )
 
     @torch.no_grad()
     def predict(self, layer: FFNLayer, point: OperatingPoint, stats: NeuronStats | None = None) -> LayerPartition:
         """A balanced assignment (shared experts first) and its router for one layer."""
         m = point.expert_width(layer.d_ff)
-        out = self.heads(self.embed(layer, stats)[0])
-        order = torch.argsort(out["importance"], descending=True, stable=True)
-        shared, routed = order[: point.shared * m], torch.sort(order[point.shared * m :]).values
-        assign = torch.empty(layer.d_ff, dtype=torch.int64)
-        assign[shared] = torch.arange(point.shared).repeat_interleave(m)
-        assign[routed] = point.shared + balanced_kmeans(out["z"][routed], point.routed, m, iters=self.config.kmeans_iters, init="farthest")
-        weight, bias = expert_router(layer, assign, out["alpha"], point.experts)
+        out = self.neuron_outputs(layer, stats)
+        assign = self.assign(out, layer.d_ff, point, m)
+        weight, bias = expert_router(layer, assign, out, point.experts)
         return LayerPartition(assign, weight, bias)
+
+    def assign(self, out: NeuronOutputs, d_ff: int, point: OperatingPoint, m: int) -> torch.Tensor:
+        """Shared experts by importance, routed ones by balanced k-means in the clustering space.   → [f] int64"""
+        shared, routed = split_shared(out.importance, point.shared * m)
+        assign = torch.empty(d_ff, dtype=torch.int64)
+        assign[shared] = torch.arange(point.shared).repeat_interleave(m)
+        assign[routed] = point.shared + balanced_kmeans(out.space[routed], point.routed, m, iters=self.config.kmeans_iters, init="farthest")
+        return assign
 
     def config_dict(self) -> dict:
         return asdict(self.config)
+
+
+def split_shared(importance: torch.Tensor, n_shared: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the n_shared most important neuron ids, the other ids in increasing order)."""
+    order = torch.argsort(importance.detach(), descending=True, stable=True)
+    return order[:n_shared], torch.sort(order[n_shared:]).values
 
 
 def centred(u: torch.Tensor) -> torch.Tensor:
@@ -88,10 +144,14 @@ def centred(u: torch.Tensor) -> torch.Tensor:
     return u - u.mean(0, keepdim=True)
 
 
-def expert_router(layer: FFNLayer, assign: torch.Tensor, alpha: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """W_e = Σ_{j∈e} α_j w_in_j / Σ_{j∈e} α_j,  b_e = Σ_{j∈e} α_j b_in_j / Σ_{j∈e} α_j.   → ([E, d], [E])"""
-    totals = torch.zeros(n_experts, dtype=alpha.dtype).index_add(0, assign, alpha).clamp(min=1e-12)  # [E]
-    weight = torch.zeros(n_experts, layer.d_model, dtype=alpha.dtype).index_add(0, assign, alpha[:, None] * layer.w_in.to(alpha.dtype))
-    b_in = layer.b_in.to(alpha.dtype) if layer.b_in is not None else torch.zeros_like(alpha)
-    bias = torch.zeros(n_experts, dtype=alpha.dtype).index_add(0, assign, alpha * b_in)
-    return weight / totals[:, None], bias / totals
+def expert_router(layer: FFNLayer, assign: torch.Tensor, out: NeuronOutputs, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares router on the network's synthetic inputs (module docstring).   → ([E, d], [E])"""
+    x = synthetic_inputs(layer, out.input_scale, out.input_shift, SYNTHETIC_TOKENS)  # [T, d]
+    return least_squares(x, expert_output_norms(layer, assign, x, n_experts))
+
+
+def _zero_last(net: nn.Sequential) -> nn.Sequential:
+    """Zero the last linear layer, so the head starts as an exact no-op correction."""
+    nn.init.zeros_(net[-1].weight)
+    nn.init.zeros_(net[-1].bias)
+    return net

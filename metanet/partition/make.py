@@ -1,4 +1,11 @@
-"""Compute Partitions for a whole checkpoint: one method, one or several routers, every layer."""
+"""Compute Partitions for a whole checkpoint: one method, one or several routers, every layer.
+
+Methods: the baselines of metanet.partition.methods, and the metanetwork's two modes
+  metanet        data-free: the layer's weights only, one forward pass per layer
+  metanet-data   data-aware: the neuron statistics of calibration text as extra node features
+Routers: those of metanet.partition.routers, and `metanet` (the metanetwork's router head, which
+can route any partition). Both metanet modes default to the `metanet` router.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +13,34 @@ import logging
 import time
 from typing import Callable
 
+import torch
+
 from metanet.checkpoints import Checkpoint
 from metanet.errors import MetanetError
+from metanet.model.network import expert_router
 from metanet.partition.methods import CALIBRATED_METHODS, METHODS, LayerCalibration, assign_neurons
 from metanet.partition.partition import LayerPartition, OperatingPoint, Partition
 from metanet.partition.routers import CALIBRATED_ROUTERS, DEFAULT_ROUTER, check_router, fit_router
+
+METANET_METHODS = ("metanet", "metanet-data")
+ALL_METHODS = METHODS + METANET_METHODS
+METANET_ROUTER = "metanet"
 
 log = logging.getLogger(__name__)
 
 
 def resolve_router(method: str, router: str | None) -> str:
     """The router to use (the method's default when None); clear errors for unknown names."""
-    if method not in METHODS:
-        raise MetanetError(f"unknown partition method {method!r}; choose one of {', '.join(METHODS)}")
-    router = router or DEFAULT_ROUTER[method]
-    check_router(router)
+    if method not in ALL_METHODS:
+        raise MetanetError(f"unknown partition method {method!r}; choose one of {', '.join(ALL_METHODS)}")
+    router = router or (METANET_ROUTER if method in METANET_METHODS else DEFAULT_ROUTER[method])
+    if router != METANET_ROUTER:
+        check_router(router)
     return router
 
 
 def needs_calibration(method: str, routers: list[str]) -> bool:
-    return method in CALIBRATED_METHODS or any(r in CALIBRATED_ROUTERS for r in routers)
+    return method in CALIBRATED_METHODS or method == "metanet-data" or any(r in CALIBRATED_ROUTERS for r in routers)
 
 
 def make_partitions(
@@ -38,6 +53,7 @@ def make_partitions(
     calib_tokens: int = 0,
     calib_seconds: float = 0.0,
     progress: Callable[[], None] | None = None,
+    metanetwork=None,
 ) -> dict[str, Partition]:
     """One neuron assignment per layer with `method`, then each router fitted on it.
 
@@ -50,17 +66,28 @@ def make_partitions(
     expert_width = point.expert_width(checkpoint.d_ff)
     if needs_calibration(method, names) and calibration is None:
         raise MetanetError(f"{method} with router(s) {', '.join(names)} needs calibration text")
+    net = _metanetwork(metanetwork) if method in METANET_METHODS or METANET_ROUTER in names else None
     seconds = dict.fromkeys(["assign", *names], 0.0)
     layers: dict[str, list[LayerPartition]] = {name: [] for name in names}
     fingerprints = []
     for layer in checkpoint.layers():
         calib = calibration[layer.index] if calibration is not None else None
         start = time.perf_counter()
-        assign = assign_neurons(method, layer, point, calib, seed)
+        outputs = None
+        if net is not None:
+            with torch.no_grad():
+                outputs = net.neuron_outputs(layer, calib.stats if method == "metanet-data" else None)
+        if method in METANET_METHODS:
+            assign = net.assign(outputs, layer.d_ff, point, expert_width)
+        else:
+            assign = assign_neurons(method, layer, point, calib, seed)
         seconds["assign"] += time.perf_counter() - start
         for name in names:
             start = time.perf_counter()
-            weight, bias = fit_router(name, layer, assign, point, calib, seed)
+            if name == METANET_ROUTER:
+                weight, bias = (t.float() for t in expert_router(layer, assign, outputs, point.experts))
+            else:
+                weight, bias = fit_router(name, layer, assign, point, calib, seed)
             seconds[name] += time.perf_counter() - start
             layers[name].append(LayerPartition(assign, weight, bias))
         fingerprints.append(layer.fingerprint())
@@ -74,6 +101,12 @@ def make_partitions(
         partitions[name] = Partition(method, name, point, expert_width, layers[name], fingerprints, str(checkpoint.path), info)
         log.info("%s/%s partition of %d layers in %.1f s", method, name, len(fingerprints), convert_s)
     return partitions
+
+
+def _metanetwork(net):
+    from metanet.model.store import load_model
+
+    return net if net is not None else load_model()
 
 
 def make_partition(checkpoint: Checkpoint, method: str, point: OperatingPoint, router: str | None = None, **kwargs) -> Partition:

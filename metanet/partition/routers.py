@@ -23,6 +23,7 @@ from metanet.calib.stats import active_mask
 from metanet.checkpoints import FFNLayer
 from metanet.errors import MetanetError
 from metanet.moe.routing import expert_output_norms, select_experts
+from metanet.partition.least_squares import least_squares
 from metanet.partition.methods import LayerCalibration
 from metanet.partition.partition import OperatingPoint
 
@@ -33,7 +34,6 @@ ROUTERS = DATA_FREE_ROUTERS + CALIBRATED_ROUTERS
 #: Each method's router as its authors pair them (joint: the strongest data-free router).
 DEFAULT_ROUTER = {"random": "centroid", "kmeans": "centroid", "joint": "scaled", "coact": "mlp", "cmoe": "cmoe"}
 
-LSQ_RIDGE = 1e-3  # relative to the mean diagonal of XᵀX
 MLP_STEPS, MLP_LR = 100, 3e-2
 
 
@@ -63,7 +63,7 @@ def fit_router(
         if name in ("centroid", "scaled", "cmoe"):
             return _weighted_member_means(layer, assign, weights, point.experts)
         oracle = expert_output_norms(layer, assign, calib.x, point.experts)  # [T, E]
-        w, b = _least_squares(calib.x, oracle)
+        w, b = least_squares(calib.x, oracle)
     if name == "lsq":
         return w, b
     return _train_bce(calib.x, select_experts(oracle, point).float(), w, b, seed)
@@ -92,15 +92,6 @@ def _representatives(layer: FFNLayer, assign: torch.Tensor, calib: LayerCalibrat
     weights = torch.zeros(len(assign), dtype=torch.float64)
     weights[first] = 1.0  # ties: the lowest index wins
     return weights
-
-
-def _least_squares(x: torch.Tensor, targets: torch.Tensor):
-    """argmin ‖[X 1]θ − S‖² + λ‖θ‖².   x: [T, d], targets: [T, E] → (W [E, d], b [E])"""
-    design = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
-    gram = design.T @ design
-    gram += LSQ_RIDGE * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=torch.float64)
-    theta = torch.linalg.solve(gram, design.T @ targets.double())  # [d+1, E]
-    return theta[:-1].T.float().contiguous(), theta[-1].float().contiguous()
 
 
 def _train_bce(x: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, b: torch.Tensor, seed: int):

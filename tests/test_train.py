@@ -1,0 +1,87 @@
+"""Training the metanetwork on the tiny zoo: the loss falls, the model is written, logged, registered,
+and predicts partitions that `metanet eval` reads; resume and bad input behave."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.main import app
+from metanet.model.store import load_model, model_facts
+
+runner = CliRunner()
+TRAIN_TINY = Path(__file__).parents[1] / "configs" / "train-tiny.yaml"
+
+
+def train(zoo: Path, out: Path, uri: str, *args: str):
+    return runner.invoke(app, ["train", "--config", str(TRAIN_TINY), "--zoo", str(zoo), "--out", str(out), "--tracking-uri", uri, *args])
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_zoo, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    result = train(tiny_zoo, root / "run", uri)
+    assert result.exit_code == 0, result.output
+    return root / "run", uri
+
+
+def epoch_means(uri: str, run_id: str, name: str) -> list[float]:
+    from mlflow import MlflowClient
+
+    return [m.value for m in sorted(MlflowClient(uri).get_metric_history(run_id, name), key=lambda m: m.step)]
+
+
+def test_training_lowers_the_loss_and_writes_logs_and_registers_the_model(trained):
+    out, uri = trained
+    facts = model_facts(out / "model")
+    losses = epoch_means(uri, facts["training"]["run_id"], "train_reconstruction_epoch")
+    assert len(losses) == 12, len(losses)
+    assert sum(losses[1:]) / 11 < 0.85 * losses[0], losses  # epoch means of the hard rel_error² on training tokens
+    assert {"val_rel_error", "val_kmeans_rel_error"} <= set(facts["training"])
+    assert "**mean**" in (out / "validation.md").read_text()
+    assert (out / "curves.png").stat().st_size > 10_000
+    registered = load_model("latest", uri)  # the registry's copy is the written model
+    local = load_model(out / "model")
+    for name, value in local.state_dict().items():
+        assert torch.equal(value, registered.state_dict()[name]), name
+
+
+def test_a_trained_model_predicts_a_partition_that_eval_reads(trained, trained_lm, tmp_path):
+    out, uri = trained
+    checkpoint = str(trained_lm)
+    result = runner.invoke(app, ["predict", checkpoint, "--model", str(out / "model"), "-E", "4", "-k", "2", "--width-multiple", "1",
+                                 "--out", str(tmp_path / "p"), "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["eval", checkpoint, str(tmp_path / "p"), "--json", "--heldout-tokens", "256", "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    assert '"method": "metanet"' in result.output and '"router": "metanet"' in result.output
+
+
+def test_resume_continues_from_the_last_checkpoint(trained, tiny_zoo, tmp_path):
+    out, uri = trained
+    again = train(tiny_zoo, out, uri)
+    assert again.exit_code == 2 and "--resume" in again.output  # never silently overwrites a run
+    resumed = train(tiny_zoo, out, uri, "--resume", "--max-epochs", "13", "--no-register")
+    assert resumed.exit_code == 0, resumed.output
+    assert model_facts(out / "model")["training"]["steps"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--zoo", "no-such-zoo"], "is not a zoo"),
+    (["--resume"], "no checkpoint to resume"),
+    (["--experts", "8,x"], "comma-separated integers"),
+])
+def test_bad_training_input_fails_in_one_line_and_writes_nothing(tiny_zoo, tmp_path, args, message):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--config", str(TRAIN_TINY), "--zoo", str(tiny_zoo), "--out", str(out),
+                                 "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not out.exists()
+
+
+def test_predict_without_a_model_in_the_folder_fails_in_one_line(tiny_models, tmp_path):
+    result = runner.invoke(app, ["predict", str(tiny_models["gpt2"].path), "--model", str(tmp_path), "--out", str(tmp_path / "p")])
+    assert result.exit_code == 2 and "is not a trained metanetwork" in result.output
+    assert not (tmp_path / "p").exists()
