@@ -198,16 +198,23 @@ def _write(tmp: Path, checkpoint: Checkpoint, partition: Partition, section: dic
         i = layer.index
         partition.check_matches(i, layer.fingerprint())
         moe = MoEFFN.from_layer(layer, partition.layers[i], partition.point, pad_to=pad_multiple)
-        tensors = {}
-        for name, attr in EXPERT_TENSORS.items():
-            tensor = getattr(moe, attr)
-            if tensor is not None:
-                tensors[f"moe.layers.{i}.{name}"] = tensor.detach().to(ROUTER_DTYPE) if name.startswith("router.") else _cast(tensor.detach(), dtype)
-        checksums[layer_file(i)] = _save(tensors, tmp / layer_file(i))
+        checksums[layer_file(i)] = write_layer_file(tmp, moe, dtype)
         if progress:
             progress()
     (tmp / CHECKSUM_FILE).write_text(json.dumps({"algorithm": "sha256", "files": checksums}, indent=2))
     return checksums
+
+
+def write_layer_file(folder: Path, module: MoEFFN, dtype: torch.dtype) -> dict[str, str]:
+    """Write block `module.index`'s expert file into `folder` (routers float32, every other floating
+    tensor cast to `dtype`); returns tensor name → digest for checksums.json."""
+    tensors = {}
+    for name, attr in EXPERT_TENSORS.items():
+        tensor = getattr(module, attr)
+        if tensor is not None:
+            tensor = tensor.detach().cpu()
+            tensors[f"moe.layers.{module.index}.{name}"] = tensor.to(ROUTER_DTYPE) if name.startswith("router.") else _cast(tensor, dtype)
+    return _save(tensors, folder / layer_file(module.index))
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
