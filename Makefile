@@ -33,10 +33,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The whole job on the bundled all-MiniLM-L6-v2: tiny zoo → training → predict → apply → compare
+# (configs/pipeline.yaml); runs land in sqlite:///mlflow.db here (`mlflow ui --backend-store-uri sqlite:///mlflow.db`).
 demo: $(STAMP)
-	$(BIN)/metanet inspect all-MiniLM-L6-v2
-	$(BIN)/metanet graph all-MiniLM-L6-v2 --config configs/graph.yaml --out demo-output/minilm-layer0.graph.pt
-	$(BIN)/metanet compare all-MiniLM-L6-v2 --config configs/compare.yaml --out demo-output/compare
+	$(BIN)/metanet run --config configs/pipeline.yaml
 
 clean:
 	rm -rf $(VENV) demo-output

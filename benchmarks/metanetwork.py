@@ -6,7 +6,7 @@ held-out gpt_neox family, one member per test architecture), at E=16, k=4 and at
 method's oracle routing (oracle_rel_error). Then the predict time of one random 4096×11008 gated
 layer in a fresh process (wall time and peak RSS). Writes benchmarks/results/metanet.md and .json.
 
-Run: .venv/bin/python benchmarks/metanet.py --zoo ZOO [--model FOLDER] [--seeds 0,1,2]
+Run: .venv/bin/python benchmarks/metanetwork.py --zoo ZOO [--model FOLDER] [--seeds 0,1,2]
 """
 
 import argparse
@@ -142,7 +142,7 @@ def main() -> None:
     header = [
         "# The metanetwork against the baselines",
         "",
-        f"Measured {datetime.date.today()} on {machine} in {minutes:.0f} min by `benchmarks/metanet.py` (mean ± std over seeds {seeds}; "
+        f"Measured {datetime.date.today()} on {machine} in {minutes:.0f} min by `benchmarks/metanetwork.py` (mean ± std over seeds {seeds}; "
         "the seed draws the calibration windows and the baselines' randomness — the metanetwork itself is deterministic).",
         f"Model: {'the shipped model' if args.model is None else args.model}, config {json.dumps(facts['config'])}, trained "
         f"{facts['training'].get('steps', '?')} steps on {facts['training'].get('zoo', '?')} with configs/train.yaml.",

@@ -180,7 +180,7 @@ def _log_eval_plots(ckpt, part, heldout, report: dict) -> list[str]:
 @app.command()
 def compare(
     checkpoint: str = typer.Argument(..., help=CHECKPOINT_HELP),
-    methods: str = typer.Option("random,kmeans,joint,coact,cmoe", "--methods", help="Comma-separated methods."),
+    methods: str = typer.Option("random,kmeans,joint,coact,cmoe,metanet", "--methods", help="Comma-separated methods (metanet-data: the data-aware metanet)."),
     routers: str = typer.Option("default", "--routers", help="'default' (each method's own), 'all', or comma-separated routers."),
     experts: int = typer.Option(16, "--experts", "-E"),
     active: int = typer.Option(4, "--active", "-k"),
@@ -190,6 +190,7 @@ def compare(
     calib_tokens: int = typer.Option(4096, "--calib-tokens"),
     heldout_tokens: int = typer.Option(4096, "--heldout-tokens"),
     width_multiple: int = typer.Option(8, "--width-multiple"),
+    model: Optional[str] = typer.Option(None, "--model", help="Metanetwork for the metanet methods/router: a folder, models:/metanet/N or 'latest' (default: shipped)."),
     out: Path = typer.Option(Path("compare-output"), "--out", "-o", help="Folder for compare.md, compare.json and plots."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
     config: Optional[Path] = config_option(),
@@ -198,6 +199,8 @@ def compare(
     from metanet.checkpoints import open_checkpoint
     from metanet.errors import MetanetError
     from metanet.eval.compare import COLUMNS, CompareSettings, aggregate, compare as run_compare, markdown_table
+    from metanet.model.store import load_model
+    from metanet.partition.make import METANET_METHODS, METANET_ROUTER
     from metanet.partition.routers import ROUTERS
     from metanet.tracking import tracked_run
 
@@ -207,11 +210,14 @@ def compare(
     except ValueError:
         raise MetanetError(f"--seeds takes comma-separated integers, got {seeds!r}") from None
     router_list = None if routers == "default" else list(ROUTERS) if routers == "all" else routers.split(",")
+    uses_metanet = any(m in METANET_METHODS for m in methods.split(",")) or METANET_ROUTER in (router_list or [])
     settings = CompareSettings(
         methods=methods.split(","), point=_point(experts, active, shared, width_multiple), routers=router_list,
         seeds=seed_list, corpus=corpus, calib_tokens=calib_tokens, heldout_tokens=heldout_tokens,
+        metanetwork=load_model(model, tracking_uri) if uses_metanet else None,
     )
-    params = {"checkpoint": checkpoint, "methods": methods, "routers": routers, "experts": experts, "active": active, "shared": shared, "seeds": seeds}
+    params = {"checkpoint": checkpoint, "methods": methods, "routers": routers, "experts": experts, "active": active, "shared": shared,
+              "seeds": seeds, **({"model": model or "shipped"} if uses_metanet else {})}
     with tracked_run("compare", f"E{experts}-k{active}-s{shared}", params, tracking_uri):
         with err_console.status("comparing methods"):
             rows = run_compare(ckpt, settings, progress=err_console.log)

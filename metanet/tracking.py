@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Iterator
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+#: When set (by `metanet run`), every run is a child of this run, in its experiment, tagged with its command.
+PARENT_RUN_ENV = "METANET_PARENT_RUN_ID"
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -30,9 +32,9 @@ def tracked_run(experiment: str, run_name: str, params: dict, tracking_uri: str 
         logging.getLogger(noisy).setLevel(logging.WARNING)
     uri = resolve_tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(uri)
-    ensure_experiment(experiment, uri)
+    experiment, tags = run_context(experiment, uri)
     mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=run_name) as run:
+    with mlflow.start_run(run_name=run_name, tags=tags, nested=mlflow.active_run() is not None) as run:
         mlflow.log_params({key: str(value)[:500] for key, value in params.items()})
         yield run
 
@@ -51,6 +53,20 @@ def ensure_experiment(name: str, uri: str) -> None:
     client = MlflowClient(tracking_uri=uri)
     if client.get_experiment_by_name(name) is None:
         client.create_experiment(name, artifact_location=artifact_location(uri))
+
+
+def run_context(experiment: str, uri: str) -> tuple[str, dict[str, str]]:
+    """(experiment, tags) for a new run of command `experiment`: its own experiment (created if missing), or,
+    under a parent run (PARENT_RUN_ENV), the parent's experiment with the parent link and the command as tags."""
+    from mlflow import MlflowClient
+
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if not parent:
+        ensure_experiment(experiment, uri)
+        return experiment, {}
+    client = MlflowClient(tracking_uri=uri)
+    parent_experiment = client.get_experiment(client.get_run(parent).info.experiment_id).name
+    return parent_experiment, {"mlflow.parentRunId": parent, "metanet.command": experiment}
 
 
 def log_metrics(metrics: dict[str, float], prefix: str = "") -> None:

@@ -89,7 +89,7 @@ def train(config: TrainConfig, resume: bool = False, tracking_uri: str | None = 
     from lightning.pytorch.loggers import MLFlowLogger
 
     from metanet.model.store import save_model
-    from metanet.tracking import ensure_experiment, resolve_tracking_uri
+    from metanet.tracking import resolve_tracking_uri, run_context
     from training.metanet_data import ZooDataModule
     from training.metanet_module import MetaNetModule
 
@@ -112,8 +112,8 @@ def train(config: TrainConfig, resume: bool = False, tracking_uri: str | None = 
         synthetic_tokens=config.synthetic_tokens, straight_through=config.straight_through, seed=config.seed,
     )
     uri = resolve_tracking_uri(tracking_uri)
-    ensure_experiment(config.experiment, uri)
-    logger = MLFlowLogger(experiment_name=config.experiment, tracking_uri=uri, run_name=out.name)
+    experiment, tags = run_context(config.experiment, uri)
+    logger = MLFlowLogger(experiment_name=experiment, tracking_uri=uri, run_name=out.name, tags=tags)
     logger.log_hyperparams({f"config.{key}": value for key, value in asdict(config).items()})  # module hparams log unprefixed
     best = ModelCheckpoint(dirpath=out / "checkpoints", filename="best-{step}", monitor="val_rel_error", mode="min", save_last=True)
     trainer = L.Trainer(
@@ -214,7 +214,7 @@ def _log_results(logger, tracking_uri: str, files: list[Path], model_folder: Pat
         from metanet.serving import log_pyfunc
 
         mlflow.set_tracking_uri(tracking_uri)
-        with mlflow.start_run(run_id=logger.run_id):
+        with mlflow.start_run(run_id=logger.run_id, nested=mlflow.active_run() is not None):
             log_pyfunc(model_folder, registered_name=REGISTERED_NAME)
     log.info("model in %s, run %s", model_folder, logger.run_id)
 
