@@ -1,5 +1,6 @@
 """metanet against a real MLflow tracking server: `mlflow server` on loopback, sqlite backend,
-artifacts proxied by the server; a command logs over HTTP and the run reads back through REST."""
+artifacts proxied by the server; commands log over HTTP and their runs read back through REST; the
+registered `metanet` pyfunc is served by `mlflow models serve` and answers a request."""
 
 import json
 import os
@@ -122,3 +123,64 @@ def test_metanet_runs_lists_and_shows_the_run_from_the_server(server, partition_
         assert expected in shown.stdout, expected
     missing = runner.invoke(app, ["runs", "show", "f" * 32, "--tracking-uri", url])
     assert missing.exit_code == 2 and "no run" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_predict_logs_its_run_on_the_server(server, tiny_models, tmp_path):
+    from mlflow import MlflowClient
+
+    url, _ = server
+    env = os.environ | {"MLFLOW_TRACKING_URI": url}
+    done = subprocess.run([str(BIN / "metanet"), "predict", str(tiny_models["gpt2"].path), "-E", "4", "-k", "2", "--width-multiple", "1",
+                           "--out", "part"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    client = MlflowClient(tracking_uri=url)
+    (run,) = client.search_runs([client.get_experiment_by_name("predict").experiment_id])
+    assert run.data.params["method"] == "metanet" and run.data.params["model"] == "shipped"
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["partition.json"]
+
+
+def test_the_registered_model_serves_partitions_over_http(server, tiny_models, tmp_path):
+    """Register the shipped metanetwork as `metanet` on the server, `mlflow models serve` it, send one request."""
+    import mlflow
+
+    from metanet.model.store import SHIPPED
+    from metanet.partition import Partition
+    from metanet.serving import log_pyfunc
+
+    url, _ = server
+    mlflow.set_tracking_uri(url)
+    mlflow.set_experiment("serving-test")
+    with mlflow.start_run():
+        log_pyfunc(SHIPPED, registered_name="metanet")
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w")
+    process = subprocess.Popen(
+        [str(BIN / "mlflow"), "models", "serve", "-m", "models:/metanet/latest", "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)],
+        cwd=tmp_path, env=os.environ | {"MLFLOW_TRACKING_URI": url}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not _pings(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow models serve did not answer within {STARTUP_TIMEOUT_S} s:\n{(tmp_path / 'serve.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        out = tmp_path / "served-partition"
+        request = {"dataframe_records": [{"checkpoint": str(tiny_models["gpt2"].path), "experts": 4, "active": 2, "out": str(out)}]}
+        with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(request).encode(),
+                                                           {"Content-Type": "application/json"}), timeout=120) as response:
+            answer = json.loads(response.read())
+    finally:
+        _stop(process)
+        log.close()
+    (row,) = answer["predictions"]
+    assert row["partition"] == str(out) and row["method"] == "metanet"
+    partition = Partition.load(out)
+    assert partition.point.experts == 4 and len(partition.layers) == row["layers"]
+
+
+def _pings(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
