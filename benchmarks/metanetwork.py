@@ -90,7 +90,7 @@ def predict_time(model: str | None) -> dict:
     torch.manual_seed(0)
     d, f = 4096, 11008
     layer = FFNLayer(w_in=torch.randn(f, d) / d**0.5, w_gate=torch.randn(f, d) / d**0.5, w_out=torch.randn(d, f) / f**0.5,
-                     activation="silu", norm=Norm("rmsnorm", torch.ones(d)))
+                     activation="silu", norm=Norm("rmsnorm", torch.ones(d), None, 1e-6))
     net = load_model(model)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     start = time.perf_counter()
@@ -115,6 +115,9 @@ def main() -> None:
     from metanet.model.store import load_model, model_facts
     from training.zoo import read_manifest
 
+    timing = json.loads(subprocess.run([sys.executable, __file__, "--predict-time", *(["--model", args.model] if args.model else [])],
+                                       capture_output=True, text=True, check=True).stdout)  # first, on an otherwise idle process
+    logging.info("predict time: %s", timing)
     net = load_model(args.model)
     seeds = [int(s) for s in args.seeds.split(",")]
     start = time.perf_counter()
@@ -134,8 +137,6 @@ def main() -> None:
             table = aggregate(rows)
             sections += [f"### {title}", "", markdown_table(table, COLUMNS), *bars(table)]
             everything[f"{target} / {title}"] = table
-    timing = json.loads(subprocess.run([sys.executable, __file__, "--predict-time", *(["--model", args.model] if args.model else [])],
-                                       capture_output=True, text=True, check=True).stdout)
     minutes = (time.perf_counter() - start) / 60
     machine = f"{platform.machine()}, {len(os.sched_getaffinity(0))} CPU cores, no GPU, Python {platform.python_version()}"
     facts = model_facts(args.model)

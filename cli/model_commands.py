@@ -9,7 +9,10 @@ import typer
 from cli.app import app, console
 from cli.checkpoint_commands import CHECKPOINT_HELP
 from cli.config import config_option
-from cli.partition_commands import CORPUS_HELP, TRACKING_HELP, _point, _summary_table, run_partition
+from cli.partition_commands import (
+    CORPUS_HELP, TRACKING_HELP, _point, _summary_table, active_option, experts_option, partition_out_option, run_partition, shared_option,
+    width_multiple_option,
+)
 from training.metanet_train import TrainConfig
 
 DEFAULT = TrainConfig()
@@ -81,15 +84,15 @@ def train(
 def predict(
     checkpoint: str = typer.Argument(..., help=CHECKPOINT_HELP),
     model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
-    experts: int = typer.Option(16, "--experts", "-E", help="Experts per layer, shared included."),
-    active: int = typer.Option(4, "--active", "-k", help="Experts a token runs, shared included."),
-    shared: int = typer.Option(0, "--shared", "-s", help="Always-active experts (taken first)."),
+    experts: int = experts_option(),
+    active: int = active_option(),
+    shared: int = shared_option(),
     corpus: Optional[str] = typer.Option(None, "--corpus", help="Text for the data-aware mode: " + CORPUS_HELP.split(" (")[0] + " (default: none, data-free)."),
     calib_tokens: int = typer.Option(4096, "--calib-tokens", help="Calibration tokens in data-aware mode."),
     router: Optional[str] = typer.Option(None, "--router", help="metanet (default) or any router of `metanet partition`, e.g. lsq with --corpus."),
-    width_multiple: int = typer.Option(8, "--width-multiple", help="Expert width must be a multiple of this."),
+    width_multiple: int = width_multiple_option(),
     seed: int = typer.Option(0, "--seed"),
-    out: Path = typer.Option(..., "--out", "-o", help="Partition folder to write (replaced atomically)."),
+    out: Path = partition_out_option(),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
     config: Optional[Path] = config_option(),
 ) -> None:

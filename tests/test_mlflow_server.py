@@ -41,15 +41,20 @@ def server(tmp_path_factory):
         cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its own group: uvicorn workers stop with it
     )
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not _healthy(url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer {url}/health within {STARTUP_TIMEOUT_S} s:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+        _wait_until(lambda: _healthy(url), process, root / "server.log", f"mlflow server at {url}/health")
         yield url, root
     finally:
         _stop(process)
         log.close()
+
+
+def _wait_until(ready, process: subprocess.Popen, log: Path, what: str) -> None:
+    """Poll `ready()` until it holds; fail with the process's log if it exits or STARTUP_TIMEOUT_S pass."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not ready():
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"{what} did not answer within {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
 
 
 def _healthy(url: str) -> bool:
@@ -159,11 +164,7 @@ def test_the_registered_model_serves_partitions_over_http(server, tiny_models, t
         cwd=tmp_path, env=os.environ | {"MLFLOW_TRACKING_URI": url}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not _pings(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow models serve did not answer within {STARTUP_TIMEOUT_S} s:\n{(tmp_path / 'serve.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+        _wait_until(lambda: _pings(port), process, tmp_path / "serve.log", f"mlflow models serve on port {port}")
         out = tmp_path / "served-partition"
         request = {"dataframe_records": [{"checkpoint": str(tiny_models["gpt2"].path), "experts": 4, "active": 2, "out": str(out)}]}
         with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(request).encode(),

@@ -48,7 +48,7 @@ def test_reconstruction_loss_is_label_invariant_zero_with_every_expert_and_reach
 
 def test_straight_through_values_are_the_hard_partition_and_top_k(tiny_models):
     from metanet.eval.metrics import layer_metrics
-    from metanet.model.network import expert_router
+    from metanet.model.network import SYNTHETIC_TOKENS, expert_router
     from metanet.partition import LayerPartition
 
     layer = open_checkpoint(tiny_models["gpt2"].path).layer(0)
@@ -61,7 +61,7 @@ def test_straight_through_values_are_the_hard_partition_and_top_k(tiny_models):
         assign = p.argmax(1)
         assert torch.equal(assign, net.assign(out, layer.d_ff, point, 16))
         torch.testing.assert_close(p, torch.nn.functional.one_hot(assign, 8).float(), rtol=0, atol=1e-6)  # hard values
-        y, y_moe, gates = soft_moe(layer, x, p, out, point, synthetic_tokens=2048, straight_through=True)
+        y, y_moe, gates = soft_moe(layer, x, p, out, point, synthetic_tokens=SYNTHETIC_TOKENS, straight_through=True)
         hard = layer_metrics(layer, LayerPartition(assign, *expert_router(layer, assign, out, 8)), point, x)
     torch.testing.assert_close(gates, gates.round(), rtol=0, atol=1e-6)
     torch.testing.assert_close(((y - y_moe).pow(2).sum() / y.pow(2).sum()).sqrt().item(), hard["rel_error"], rtol=1e-4, atol=1e-6)

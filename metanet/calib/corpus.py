@@ -80,12 +80,7 @@ def tokenize_documents(tokenizer, docs: list[str], n_tokens: int, seq_len: int =
     if n_tokens < 1 or seq_len < 1:
         raise MetanetError(f"n_tokens and seq_len must be positive, got n_tokens={n_tokens}, seq_len={seq_len}")
     n_windows = math.ceil(n_tokens / seq_len)
-    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    stream: list[int] = []
-    for ids in tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]:
-        if stream and separator is not None:
-            stream.append(separator)
-        stream.extend(ids)
+    stream = token_stream(tokenizer, docs)
     available = len(stream) // seq_len
     if available < n_windows:
         raise MetanetError(
@@ -124,3 +119,14 @@ def _chunks(text: str) -> list[str]:
     n = min(SINGLE_DOCUMENT_CHUNKS, len(paragraphs))
     bounds = [round(i * len(paragraphs) / n) for i in range(n + 1)] if n else []
     return ["\n\n".join(paragraphs[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+def token_stream(tokenizer, docs: list[str]) -> list[int]:
+    """The documents tokenised without special tokens, joined by the tokenizer's EOS (or SEP) token where it has one."""
+    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    stream: list[int] = []
+    for ids in tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]:
+        if stream and separator is not None:
+            stream.append(separator)
+        stream.extend(ids)
+    return stream

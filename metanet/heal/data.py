@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from metanet.calib.corpus import split_documents, tokenize_documents
+from metanet.calib.corpus import split_documents, token_stream, tokenize_documents
 from metanet.errors import MetanetError
 
 log = logging.getLogger(__name__)
@@ -26,12 +26,7 @@ def pack_windows(tokenizer, docs: list[str], seq_len: int) -> torch.LongTensor:
     tokens, joined by the tokenizer's EOS (or SEP) token, cut into non-overlapping windows;
     the tail shorter than seq_len is dropped. No full window → MetanetError.
     """
-    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    stream: list[int] = []
-    for ids in tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]:
-        if stream and separator is not None:
-            stream.append(separator)
-        stream.extend(ids)
+    stream = token_stream(tokenizer, docs)
     n = len(stream) // seq_len
     if n == 0:
         raise MetanetError(f"not enough text: the calibration split has {len(stream)} tokens, less than one window of {seq_len}")

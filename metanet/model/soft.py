@@ -48,7 +48,7 @@ def soft_partition(z: torch.Tensor, k: int, capacity: int, tau: float = 0.1, ite
     so the relaxation is centred on exactly the partition `MetaNetwork.predict` would return.
     straight_through: the value is that hard one-hot partition, the gradient the soft P's."""
     with torch.no_grad():
-        hard = balanced_kmeans(z.detach(), k, capacity, iters=iters, init="farthest")
+        hard = balanced_kmeans(z.detach(), k, capacity, iters=iters, init="farthest", dtype=torch.float32)
     centroids = torch.nn.functional.normalize(torch.zeros(k, z.shape[1], dtype=z.dtype).index_add(0, hard, z), dim=1)
     p = sinkhorn(z @ centroids.T / tau, capacity)
     return _straight_through(torch.nn.functional.one_hot(hard, k).to(p.dtype), p) if straight_through else p

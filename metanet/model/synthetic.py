@@ -4,9 +4,9 @@
 
 γ, β: the norm in front of the FFN (ones and zeros without one); σ, μ: predicted per residual
 coordinate. z is standard normal noise drawn per coordinate from a seed that is a hash of the
-coordinate's sorted input-weight column w_in[:, i], so the inputs are deterministic, permuting
-hidden neurons changes nothing (the sorted column is the same) and permuting residual coordinates
-permutes the columns of x exactly. (A ReLU rescaling of neurons redraws the noise: the router fitted
+coordinate's HASHED_VALUES largest input weights (the top of the sorted column w_in[:, i]), so the inputs
+are deterministic, permuting hidden neurons changes nothing (the sorted column is the same) and
+permuting residual coordinates permutes the columns of x exactly. (A ReLU rescaling of neurons redraws the noise: the router fitted
 on it is invariant in distribution only. Hashing normalised rows instead would make it exact for
 rescalings but break exactness for residual permutations, through the rounding of the norms.)
 """
@@ -19,10 +19,13 @@ import torch
 
 from metanet.checkpoints import FFNLayer
 
+HASHED_VALUES = 16  # a column's largest weights that seed its noise: distinct columns share them with negligible chance
+
 
 def coordinate_noise(layer: FFNLayer, n_tokens: int) -> torch.Tensor:
-    """z [T, d]: column i from a generator seeded by a hash of sorted(w_in[:, i])."""
-    columns = torch.sort(layer.w_in.float().cpu(), dim=0).values.T.contiguous().numpy()  # [d, f]
+    """z [T, d]: column i from a generator seeded by a hash of the HASHED_VALUES largest entries of w_in[:, i]."""
+    top = min(HASHED_VALUES, layer.d_ff)
+    columns = layer.w_in.float().cpu().topk(top, dim=0).values.T.contiguous().numpy()  # [d, top], each column in decreasing order
     noise = torch.empty(layer.d_model, n_tokens)
     generator = torch.Generator()
     for i, column in enumerate(columns):

@@ -61,7 +61,8 @@ def optimal_balanced_assign(cost: torch.Tensor, capacity: int) -> torch.Tensor:
 
 
 def balanced_kmeans(
-    features: torch.Tensor, k: int, capacity: int, seed: int = 0, iters: int = 25, spherical: bool = True, init: str = "random"
+    features: torch.Tensor, k: int, capacity: int, seed: int = 0, iters: int = 25, spherical: bool = True, init: str = "random",
+    dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """Equal-size k-means.   features: [n, D] → cluster id [n] int64.
 
@@ -69,9 +70,10 @@ def balanced_kmeans(
     otherwise cost = squared Euclidean distance. init "random": centroids start at k distinct
     seeded items; "farthest": deterministic farthest-point start (the item farthest from the
     mean, then repeatedly the item farthest from those chosen), so that permuting the items
-    permutes the clusters (up to exact ties).
+    permutes the clusters (up to exact ties). `dtype`: the precision of the iterations (float32 halves the
+    memory of a large feature matrix).
     """
-    x = features.double()
+    x = features.to(dtype)
     if spherical:
         x = torch.nn.functional.normalize(x, dim=1)
     if init == "farthest":
@@ -93,10 +95,18 @@ def balanced_kmeans(
 
 
 def _farthest_points(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of k items: the one farthest from the mean, then greedily the farthest from all chosen.   x: [n, D]"""
-    chosen = [int(torch.cdist(x, x.mean(0, keepdim=True)).squeeze(1).argmax())]
-    nearest = torch.cdist(x, x[chosen]).squeeze(1)  # [n] distance to the closest chosen item
+    """Indices of k items: the one farthest from the mean, then greedily the farthest from all chosen.   x: [n, D]
+
+    Squared distances from inner products, ‖a − b‖² = ‖a‖² − 2a·b + ‖b‖², one matrix-vector product per pick.
+    """
+    squares = x.pow(2).sum(1)  # [n]
+
+    def distances_to(point: torch.Tensor) -> torch.Tensor:  # [n]
+        return squares - 2 * (x @ point) + point.pow(2).sum()
+
+    chosen = [int(distances_to(x.mean(0)).argmax())]
+    nearest = distances_to(x[chosen[0]])  # [n] squared distance to the closest chosen item
     for _ in range(k - 1):
         chosen.append(int(nearest.argmax()))
-        nearest = torch.minimum(nearest, torch.cdist(x, x[chosen[-1:]]).squeeze(1))
+        nearest = torch.minimum(nearest, distances_to(x[chosen[-1]]))
     return torch.tensor(chosen)
