@@ -8,7 +8,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # OpenMP threads that sleep instead of spinning: on 2 shared cores spinning made small ops ~100× slower.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Every run a command logs goes to a throw-away store, never to mlflow.db in the checkout.
-os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp(prefix='metanet-tests-')}/mlflow.db"
+SESSION_TRACKING_URI = os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp(prefix='metanet-tests-')}/mlflow.db"
 
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -111,3 +111,15 @@ def tiny_zoo(tmp_path_factory) -> Path:
     result = CliRunner().invoke(app, ["zoo", "build", "--config", str(config), "--out", str(out), "--workers", "2"])
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(autouse=True)
+def session_tracking_store():
+    """After every test, MLflow points at the session's store again: `mlflow.set_tracking_uri` (called by
+    metanet's commands and by tests that talk to a server) also rewrites $MLFLOW_TRACKING_URI in-process."""
+    yield
+    import sys
+
+    os.environ["MLFLOW_TRACKING_URI"] = SESSION_TRACKING_URI
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(SESSION_TRACKING_URI)

@@ -153,7 +153,7 @@ def test_the_registered_model_serves_partitions_over_http(server, tiny_models, t
     from metanet.serving import log_pyfunc
 
     url, _ = server
-    mlflow.set_tracking_uri(url)
+    mlflow.set_tracking_uri(url)  # conftest points MLflow back at the session's store after the test
     mlflow.set_experiment("serving-test")
     with mlflow.start_run():
         log_pyfunc(SHIPPED, registered_name="metanet")
@@ -161,7 +161,8 @@ def test_the_registered_model_serves_partitions_over_http(server, tiny_models, t
     log = (tmp_path / "serve.log").open("w")
     process = subprocess.Popen(
         [str(BIN / "mlflow"), "models", "serve", "-m", "models:/metanet/latest", "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)],
-        cwd=tmp_path, env=os.environ | {"MLFLOW_TRACKING_URI": url}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=os.environ | {"MLFLOW_TRACKING_URI": url, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},  # it starts `uvicorn` from PATH
     )
     try:
         _wait_until(lambda: _pings(port), process, tmp_path / "serve.log", f"mlflow models serve on port {port}")

@@ -214,6 +214,7 @@ def _log_results(logger, tracking_uri: str, files: list[Path], model_folder: Pat
         from metanet.serving import log_pyfunc
 
         mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_experiment(experiment_id=logger.experiment_id)  # start_run(run_id) refuses a run outside the active experiment
         with mlflow.start_run(run_id=logger.run_id, nested=mlflow.active_run() is not None):
             log_pyfunc(model_folder, registered_name=REGISTERED_NAME)
     log.info("model in %s, run %s", model_folder, logger.run_id)
