@@ -41,7 +41,7 @@ def server(tmp_path_factory):
         cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its own group: uvicorn workers stop with it
     )
     try:
-        _wait_until(lambda: _healthy(url), process, root / "server.log", f"mlflow server at {url}/health")
+        _wait_until(lambda: _answers(f"{url}/health"), process, root / "server.log", f"mlflow server at {url}/health")
         yield url, root
     finally:
         _stop(process)
@@ -57,9 +57,10 @@ def _wait_until(ready, process: subprocess.Popen, log: Path, what: str) -> None:
         time.sleep(0.5)
 
 
-def _healthy(url: str) -> bool:
+def _answers(url: str) -> bool:
+    """Whether a GET of `url` returns 200."""
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+        with urllib.request.urlopen(url, timeout=2) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
@@ -165,7 +166,7 @@ def test_the_registered_model_serves_partitions_over_http(server, tiny_models, t
         env=os.environ | {"MLFLOW_TRACKING_URI": url, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},  # it starts `uvicorn` from PATH
     )
     try:
-        _wait_until(lambda: _pings(port), process, tmp_path / "serve.log", f"mlflow models serve on port {port}")
+        _wait_until(lambda: _answers(f"http://127.0.0.1:{port}/ping"), process, tmp_path / "serve.log", f"mlflow models serve on port {port}")
         out = tmp_path / "served-partition"
         request = {"dataframe_records": [{"checkpoint": str(tiny_models["gpt2"].path), "experts": 4, "active": 2, "out": str(out)}]}
         with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(request).encode(),
@@ -178,11 +179,3 @@ def test_the_registered_model_serves_partitions_over_http(server, tiny_models, t
     assert row["partition"] == str(out) and row["method"] == "metanet"
     partition = Partition.load(out)
     assert partition.point.experts == 4 and len(partition.layers) == row["layers"]
-
-
-def _pings(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
