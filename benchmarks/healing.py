@@ -23,9 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from metanet.calib import load_corpus, load_model_and_tokenizer, neuron_stats, text_split
 from metanet.checkpoints import open_checkpoint
 from metanet.heal import HealSettings, heal
+from metanet.model.predict import calibrate
 from metanet.moe import apply
 from metanet.partition import OperatingPoint
 from metanet.partition.make import make_partition, needs_calibration, resolve_router
@@ -41,10 +41,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def calibration(checkpoint, seed: int = 0) -> dict[int, LayerCalibration]:
     """Calibration FFN inputs and neuron statistics of every layer (CALIB_TOKENS of the calibration split)."""
-    model, tokenizer = load_model_and_tokenizer(checkpoint)
-    split = text_split(model, tokenizer, checkpoint.family.name, "calibration", CALIB_TOKENS, load_corpus(), seed=seed)
-    return {layer.index: LayerCalibration(split.ffn_inputs.layers[layer.index], neuron_stats(layer, split.ffn_inputs.layers[layer.index]))
-            for layer in checkpoint.layers()}
+    return calibrate(checkpoint, None, CALIB_TOKENS, seed)[0]
 
 
 def run(checkpoint_spec: str, point_name: str, method: str, settings: HealSettings) -> dict:

@@ -55,15 +55,11 @@ def _text_split(ckpt, model, tokenizer, split: str, n_tokens: int, docs: list, s
 
 
 def _layer_calibration(ckpt, split):
-    from metanet.calib import neuron_stats
-    from metanet.partition.methods import LayerCalibration
+    from metanet.partition.methods import layer_calibrations
 
-    calibration = {}
     with progress_bar() as progress:
-        for layer in progress.track(ckpt.layers(), total=ckpt.n_layers, description="neuron statistics"):
-            x = split.ffn_inputs.layers[layer.index]
-            calibration[layer.index] = LayerCalibration(x, neuron_stats(layer, x))
-    return calibration
+        layers = progress.track(ckpt.layers(), total=ckpt.n_layers, description="neuron statistics")
+        return layer_calibrations(layers, split.ffn_inputs.layers)
 
 
 def _summary_table(title: str, rows: dict) -> Table:

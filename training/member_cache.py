@@ -57,11 +57,11 @@ def write_member_cache(
     """
     from safetensors.torch import save_file
 
-    from metanet.calib import TextSplit, capture_ffn_inputs, neuron_stats
+    from metanet.calib import TextSplit, capture_ffn_inputs
     from metanet.checkpoints import open_checkpoint
     from metanet.eval.evaluate import evaluate
     from metanet.partition.make import make_partition
-    from metanet.partition.methods import LayerCalibration
+    from metanet.partition.methods import layer_calibrations
 
     checkpoint = open_checkpoint(folder)
     family = checkpoint.family.name
@@ -72,12 +72,11 @@ def write_member_cache(
     heldout = TextSplit("heldout", heldout_ids, capture_ffn_inputs(model, family, heldout_ids), 0.0)
     progress("capture")
 
-    calibration, stats = {}, {}
-    for layer in checkpoint.layers():
-        x = inputs.layers[layer.index]
-        calibration[layer.index] = LayerCalibration(x, neuron_stats(layer, x))
-        stats[f"layers.{layer.index}.activation_rate"] = calibration[layer.index].stats.activation_rate.contiguous()
-        stats[f"layers.{layer.index}.mean_abs"] = calibration[layer.index].stats.mean_abs.contiguous()
+    calibration = layer_calibrations(checkpoint.layers(), inputs.layers)
+    stats = {}
+    for index, calib in calibration.items():
+        stats[f"layers.{index}.activation_rate"] = calib.stats.activation_rate.contiguous()
+        stats[f"layers.{index}.mean_abs"] = calib.stats.mean_abs.contiguous()
     (folder / "calibration").mkdir()
     save_file({f"layers.{i}": x.half().contiguous() for i, x in inputs.layers.items()}, folder / FFN_INPUTS)
     save_file(stats, folder / NEURON_STATS)

@@ -12,13 +12,13 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Callable
 
-from metanet.calib import load_corpus, load_model_and_tokenizer, neuron_stats, text_split
+from metanet.calib import load_corpus, load_model_and_tokenizer, text_split
 from metanet.checkpoints import Checkpoint
 from metanet.eval.evaluate import evaluate
 from metanet.eval.metrics import METRICS
 from metanet.eval.model_quality import dense_reference
 from metanet.partition.make import make_partitions, needs_calibration, resolve_router
-from metanet.partition.methods import LayerCalibration
+from metanet.partition.methods import layer_calibrations
 from metanet.partition.partition import OperatingPoint
 
 log = logging.getLogger(__name__)
@@ -58,10 +58,7 @@ def compare(checkpoint: Checkpoint, settings: CompareSettings, progress: Callabl
         calibration, calib_split = None, None
         if any(needs_calibration(m, routers_of[m]) for m in settings.methods):
             calib_split = text_split(model, tokenizer, family, "calibration", settings.calib_tokens, corpus, seed=seed)
-            calibration = {
-                layer.index: LayerCalibration(calib_split.ffn_inputs.layers[layer.index], neuron_stats(layer, calib_split.ffn_inputs.layers[layer.index]))
-                for layer in checkpoint.layers()
-            }
+            calibration = layer_calibrations(checkpoint.layers(), calib_split.ffn_inputs.layers)
         for method in settings.methods:
             partitions = make_partitions(
                 checkpoint, method, settings.point, routers_of[method],

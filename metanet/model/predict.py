@@ -14,20 +14,17 @@ from metanet.checkpoints import Checkpoint, open_checkpoint
 from metanet.model.network import MetaNetwork
 from metanet.partition import OperatingPoint, Partition
 from metanet.partition.make import make_partition
-from metanet.partition.methods import LayerCalibration
+from metanet.partition.methods import layer_calibrations
 
 
 def calibrate(checkpoint: Checkpoint, corpus: str | None, n_tokens: int = 4096, seed: int = 0):
-    """Calibration FFN inputs and neuron statistics of every layer.   → ({index: LayerCalibration}, TextSplit)"""
-    from metanet.calib import load_corpus, load_model_and_tokenizer, neuron_stats, text_split
+    """Calibration FFN inputs and neuron statistics of every layer (corpus None: the default one).
+    → ({index: LayerCalibration}, TextSplit)"""
+    from metanet.calib import load_corpus, load_model_and_tokenizer, text_split
 
     model, tokenizer = load_model_and_tokenizer(checkpoint)
     split = text_split(model, tokenizer, checkpoint.family.name, "calibration", n_tokens, load_corpus(corpus), seed=seed)
-    calibration = {}
-    for layer in checkpoint.layers():
-        x = split.ffn_inputs.layers[layer.index]
-        calibration[layer.index] = LayerCalibration(x, neuron_stats(layer, x))
-    return calibration, split
+    return layer_calibrations(checkpoint.layers(), split.ffn_inputs.layers), split
 
 
 def predict_partition(

@@ -20,11 +20,12 @@ when calibration data is given, else the data-free proxy ‖w_in_j‖·‖w_out[
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 
-from metanet.calib.stats import NeuronStats, active_mask
+from metanet.calib.stats import NeuronStats, active_mask, neuron_stats
 from metanet.checkpoints import FFNLayer
 from metanet.errors import MetanetError
 from metanet.partition.balanced import balanced_assign, balanced_kmeans, optimal_balanced_assign
@@ -41,6 +42,11 @@ class LayerCalibration:
 
     x: torch.Tensor  # [T, d] FFN inputs from the calibration split
     stats: NeuronStats
+
+
+def layer_calibrations(layers: Iterable[FFNLayer], inputs: dict[int, torch.Tensor]) -> dict[int, LayerCalibration]:
+    """Block index → LayerCalibration of each layer, from its calibration FFN inputs (inputs[index]: [T, d])."""
+    return {layer.index: LayerCalibration(inputs[layer.index], neuron_stats(layer, inputs[layer.index])) for layer in layers}
 
 
 def assign_neurons(method: str, layer: FFNLayer, point: OperatingPoint, calib: LayerCalibration | None = None, seed: int = 0) -> torch.Tensor:
