@@ -16,6 +16,11 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Without a GPU the Triton decode kernels run in Triton's interpreter on CPU tensors (read when
+# metanet.kernels.decode is imported, which happens lazily, after this).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @dataclass
 class TinyModel:

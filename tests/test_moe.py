@@ -10,26 +10,7 @@ from metanet.checkpoints import open_checkpoint
 from metanet.errors import MetanetError
 from metanet.moe import MoEFFN, convert, dense_ffn_layers, expert_output_norms, moe_forward, select_experts
 from metanet.partition import LayerPartition, OperatingPoint, Partition
-
-WIDTH = 8  # every tiny model's d_ff is a multiple of 8: E = d_ff / 8 experts of width 8
-
-
-def make_point(d_ff: int, active: int | None = None, shared: int = 0) -> OperatingPoint:
-    experts = d_ff // WIDTH
-    return OperatingPoint(experts, experts if active is None else active, shared, width_multiple=WIDTH)
-
-
-def random_partition(layers, point: OperatingPoint, seed: int = 0) -> Partition:
-    """Balanced random assignment (each expert exactly f/E neurons) and a random router per layer."""
-    g = torch.Generator().manual_seed(seed)
-    parts = []
-    for layer in layers:
-        assign = torch.randperm(layer.d_ff, generator=g) % point.experts  # [f]
-        parts.append(LayerPartition(assign, torch.randn(point.experts, layer.d_model, generator=g), torch.randn(point.experts, generator=g)))
-    return Partition(
-        method="random", router="random", point=point, expert_width=point.expert_width(layers[0].d_ff),
-        layers=parts, fingerprints=[layer.fingerprint() for layer in layers],
-    )
+from tests_support import WIDTH, make_point, random_partition, relative
 
 
 def model_output(model, family: str, ids: torch.Tensor) -> torch.Tensor:
@@ -44,10 +25,6 @@ def moe_modules(model) -> list[MoEFFN]:
 
 def token_ids(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(seed))
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 # -- extraction ---------------------------------------------------------------------------

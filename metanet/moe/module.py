@@ -13,6 +13,9 @@ A token x runs the experts in  S(x) = {0..s−1} ∪ top_{k−s} over routed e o
 The experts are carved out of the dense FFN, so with k = E this *is* the dense FFN
 (up to summation order), and with k < E it equals `metanet.moe.routing.moe_forward`.
 
+The sum runs on one of `metanet.kernels`' paths (reference on CPU and under autograd;
+on CUDA a Triton decode kernel, a grouped GEMM or the masked dense FFN, chosen per call).
+
 Storage is grouped and contiguous, the layout a grouped-GEMM kernel and the MoE
 checkpoint use:  w_in [E, m, d], w_gate [E, m, d] (gated only), w_out [E, d, m],
 b_in [E, m] (if the layer has it), b_out [d] (if any), router_weight [E, d],
@@ -32,6 +35,7 @@ from torch import nn
 
 from metanet.checkpoints import ACTIVATIONS, FFNLayer
 from metanet.errors import MetanetError
+from metanet.kernels import expert_sum
 from metanet.moe.routing import select_experts
 from metanet.partition.partition import LayerPartition, OperatingPoint
 
@@ -81,6 +85,7 @@ class MoEFFN(nn.Module):
         self.b_out = None if b_out is None else nn.Parameter(b_out.contiguous())
         self.router_weight = nn.Parameter(router_weight.contiguous())
         self.router_bias = nn.Parameter(router_bias.contiguous())
+        self.kernel = "auto"  # runtime path of forward: "auto" or one of metanet.kernels.PATHS
         self.register_buffer("order", order.to(device=w_in.device, dtype=torch.int64).contiguous())
 
     # -- construction -------------------------------------------------------------------
@@ -174,26 +179,15 @@ class MoEFFN(nn.Module):
 
         x: [..., d], mask: bool [..., E] → y: [..., d]
 
-        Reference path in plain torch: per expert, gather the tokens that selected it,
-        run its slice of the FFN and index_add the result; sums accumulate in float32.
+        The sum runs on the path `self.kernel` names ("auto": `metanet.kernels.choose_path`
+        picks reference, decode, grouped or dense per call); it accumulates in float32.
         """
         if x.shape[-1] != self.d_model:
             raise MetanetError(f"MoEFFN input has width {x.shape[-1]}, expected d={self.d_model}")
         if tuple(mask.shape) != (*x.shape[:-1], self.n_experts):
             raise MetanetError(f"routing mask has shape {list(mask.shape)}, expected {[*x.shape[:-1], self.n_experts]}")
-        act = ACTIVATIONS[self.activation]
         tokens = x.reshape(-1, self.d_model)  # [T, d]
-        mask = mask.reshape(-1, self.n_experts).bool()  # [T, E]
-        y = torch.zeros(tokens.shape, dtype=torch.float32, device=x.device)  # [T, d]
-        for e in range(self.n_experts):
-            rows = mask[:, e].nonzero().squeeze(1)  # [n_e] tokens that run expert e
-            if rows.numel() == 0:
-                continue
-            xe = tokens[rows]  # [n_e, d]
-            h = act(F.linear(xe, self.w_in[e], None if self.b_in is None else self.b_in[e]))  # [n_e, m]
-            if self.w_gate is not None:
-                h = h * F.linear(xe, self.w_gate[e])
-            y.index_add_(0, rows, F.linear(h, self.w_out[e]).float())  # [n_e, m]·[d, m]ᵀ → [n_e, d]
+        y = expert_sum(self, tokens, mask.reshape(-1, self.n_experts).bool(), self.kernel)  # float32 [T, d]
         if self.b_out is not None:
             y = y + self.b_out.float()
         return y.to(x.dtype).reshape(x.shape)

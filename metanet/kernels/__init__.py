@@ -1,0 +1,17 @@
+"""Runtime paths of an MoEFFN: Σ_e mask[t, e] · y_e(x_t), computed four ways, chosen per call.
+
+    reference  per expert: gather its tokens, three matmuls, index_add      (CPU; autograd; any dtype)
+    decode     Triton, T ≤ 4 tokens: reads only the selected experts' weights, no sort,
+               activation fused                                               (CUDA, or TRITON_INTERPRET=1)
+    grouped    tokens sorted by expert, one grouped GEMM per projection     (prefill and batches)
+    dense      the dense FFN over all experts with unselected neurons zeroed (the union covers most experts)
+
+Every path takes the same arguments — an MoEFFN (only its tensors and activation are
+read), tokens [T, d] and a boolean mask [T, E] — and returns the float32 sum [T, d]
+without b_out (MoEFFN adds it). `metanet.kernels.dispatch.choose_path` picks the path;
+`MoEFFN.kernel` forces one. Triton is imported only by the decode path.
+"""
+
+from metanet.kernels.dispatch import PATHS, choose_path, expert_sum
+
+__all__ = ["PATHS", "choose_path", "expert_sum"]

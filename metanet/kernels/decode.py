@@ -1,0 +1,143 @@
+"""Decode path (T ≤ 4 tokens): two Triton kernels that read only the selected experts' weights.
+
+No sort and no host synchronisation: every program looks up in the mask whether any
+token selected its expert and does nothing otherwise, so the weights read are those of
+the union of the tokens' experts — k experts' worth at T = 1.
+
+    up    grid (E, ⌈m/BM⌉):   H[t, e, rows] = act(W_in[e, rows]·x_t + b_in[e, rows]) ⊙ (W_gate[e, rows]·x_t)
+                              for the tokens t that selected e, 0 for the others        (activation fused)
+    down  grid (⌈d/BD⌉, E):   y[t, cols] += W_out[e, cols, :] · H[t, e, :]               (float32 atomic add)
+
+Tokens are padded to 16 rows so that each block product is one `tl.dot`; weights are
+loaded in their own dtype (the bytes that bound decode time) and multiplied in float32.
+Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (set before this module
+is imported), which the CPU tests use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+
+from metanet.errors import MetanetError
+
+if TYPE_CHECKING:
+    from metanet.moe.module import MoEFFN
+
+#: Most tokens one decode call takes; above it the dispatcher uses the grouped or dense path.
+MAX_TOKENS = 4
+#: Token rows of a block product (tl.dot needs ≥ 16).
+_TOKEN_ROWS = 16
+
+
+@triton.jit
+def _activation(z, ACTIVATION: tl.constexpr):
+    """act(z) for the names of metanet.checkpoints.ACTIVATIONS."""
+    if ACTIVATION == "relu":
+        out = tl.maximum(z, 0.0)
+    elif ACTIVATION == "silu":
+        out = z * tl.sigmoid(z)
+    elif ACTIVATION == "gelu":
+        out = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))  # z·Φ(z)
+    else:  # gelu_tanh: tanh(u) = 2σ(2u) − 1
+        u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        out = z * tl.sigmoid(2.0 * u)
+    return out
+
+
+@triton.jit
+def _up_kernel(
+    x_ptr, use_ptr, w_in_ptr, w_gate_ptr, b_in_ptr, h_ptr,
+    n_tokens, n_experts, width, d_model,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    TOKEN_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    expert = tl.program_id(0)
+    tokens = tl.arange(0, TOKEN_ROWS)  # [16]
+    is_token = tokens < n_tokens
+    use = tl.load(use_ptr + tokens * n_experts + expert, mask=is_token, other=0)  # [16] 1 where token t selected this expert
+    if tl.max(use, axis=0) > 0:
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] neurons of this expert
+        expert_offset = expert.to(tl.int64) * width * d_model
+        z = tl.zeros((TOKEN_ROWS, BLOCK_M), dtype=tl.float32)
+        gate = tl.zeros((TOKEN_ROWS, BLOCK_M), dtype=tl.float32)
+        for start in range(0, d_model, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)  # [BD]
+            x = tl.load(x_ptr + tokens[:, None] * d_model + cols[None, :],
+                        mask=is_token[:, None] & (cols[None, :] < d_model), other=0.0).to(tl.float32)  # [16, BD]
+            block = expert_offset + rows[:, None] * d_model + cols[None, :]
+            in_block = (rows[:, None] < width) & (cols[None, :] < d_model)
+            w = tl.load(w_in_ptr + block, mask=in_block, other=0.0).to(tl.float32)  # [BM, BD]
+            z = tl.dot(x, tl.trans(w), z)
+            if GATED:
+                g = tl.load(w_gate_ptr + block, mask=in_block, other=0.0).to(tl.float32)
+                gate = tl.dot(x, tl.trans(g), gate)
+        if HAS_BIAS:
+            z += tl.load(b_in_ptr + expert * width + rows, mask=rows < width, other=0.0).to(tl.float32)[None, :]
+        h = _activation(z, ACTIVATION)
+        if GATED:
+            h = h * gate
+        h = tl.where(use[:, None] > 0, h, 0.0)  # tokens that did not select this expert add nothing
+        tl.store(h_ptr + tokens[:, None] * n_experts * width + expert * width + rows[None, :], h,
+                 mask=is_token[:, None] & (rows[None, :] < width))
+
+
+@triton.jit
+def _down_kernel(
+    h_ptr, use_ptr, w_out_ptr, y_ptr,
+    n_tokens, n_experts, width, d_model,
+    TOKEN_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    expert = tl.program_id(1)
+    tokens = tl.arange(0, TOKEN_ROWS)
+    is_token = tokens < n_tokens
+    use = tl.load(use_ptr + tokens * n_experts + expert, mask=is_token, other=0)
+    if tl.max(use, axis=0) > 0:
+        cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD] output coordinates
+        expert_offset = expert.to(tl.int64) * d_model * width
+        acc = tl.zeros((TOKEN_ROWS, BLOCK_D), dtype=tl.float32)
+        for start in range(0, width, BLOCK_M):
+            neurons = start + tl.arange(0, BLOCK_M)  # [BM]
+            h = tl.load(h_ptr + tokens[:, None] * n_experts * width + expert * width + neurons[None, :],
+                        mask=is_token[:, None] & (neurons[None, :] < width), other=0.0)  # [16, BM]
+            w = tl.load(w_out_ptr + expert_offset + cols[:, None] * width + neurons[None, :],
+                        mask=(cols[:, None] < d_model) & (neurons[None, :] < width), other=0.0).to(tl.float32)  # [BD, BM]
+            acc = tl.dot(h, tl.trans(w), acc)  # [16, BD]
+        tl.atomic_add(y_ptr + tokens[:, None] * d_model + cols[None, :], acc,
+                      mask=is_token[:, None] & (cols[None, :] < d_model))
+
+
+def decode_sum(
+    ffn: MoEFFN, tokens: torch.Tensor, mask: torch.Tensor,
+    up_block: tuple[int, int] = (32, 128), down_block: tuple[int, int] = (64, 128), num_warps: int = 4,
+) -> torch.Tensor:
+    """Σ_e mask[t, e] · y_e(x_t) for at most MAX_TOKENS tokens.   tokens: [T, d], mask: bool [T, E] → float32 [T, d]
+
+    up_block = (BLOCK_M, BLOCK_D) of the up kernel, down_block = (BLOCK_D, BLOCK_M) of the
+    down kernel (powers of two ≥ 16); benchmarks/moe_kernels.py --tune measures them.
+    """
+    n_tokens, d = tokens.shape
+    n_experts, width, _ = ffn.w_in.shape
+    if n_tokens > MAX_TOKENS:
+        raise MetanetError(f"the decode kernel takes at most {MAX_TOKENS} tokens, got {n_tokens}")
+    weights = [None if t is None else t.detach() for t in (ffn.w_in, ffn.w_gate, ffn.b_in, ffn.w_out)]
+    w_in, w_gate, b_in, w_out = weights
+    use = mask.to(torch.int32).contiguous()  # [T, E]
+    h = torch.empty((n_tokens, n_experts, width), dtype=torch.float32, device=tokens.device)  # read only where use = 1
+    y = torch.zeros((n_tokens, d), dtype=torch.float32, device=tokens.device)
+    block_m, block_d = up_block
+    _up_kernel[(n_experts, triton.cdiv(width, block_m))](
+        tokens.detach().contiguous(), use, w_in, w_in if w_gate is None else w_gate, w_in if b_in is None else b_in, h,
+        n_tokens, n_experts, width, d,
+        ACTIVATION=ffn.activation, GATED=w_gate is not None, HAS_BIAS=b_in is not None,
+        TOKEN_ROWS=_TOKEN_ROWS, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    block_d, block_m = down_block
+    _down_kernel[(triton.cdiv(d, block_d), n_experts)](
+        h, use, w_out, y, n_tokens, n_experts, width, d,
+        TOKEN_ROWS=_TOKEN_ROWS, BLOCK_D=block_d, BLOCK_M=block_m, num_warps=num_warps,
+    )
+    return y

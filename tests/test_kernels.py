@@ -1,0 +1,193 @@
+"""The MoE runtime paths (metanet/kernels) against the float32 reference, on real tiny models.
+
+On a machine without CUDA the Triton decode kernels run under TRITON_INTERPRET=1 (set in
+conftest.py), so their arithmetic is tested on every run; the CUDA tests run where a GPU is.
+"""
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+
+from metanet.errors import MetanetError
+from metanet.kernels import PATHS, expert_sum
+from metanet.kernels.dispatch import DECODE_MAX_TOKENS, DENSE_MAX_TOKENS, DENSE_MIN_UNION, cuda_path
+from metanet.kernels.grouped import grouped_matmul
+from metanet.moe import MoEFFN, convert, dense_ffn_layers, moe_forward
+from tests_support import make_point, random_partition, relative
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_CUDA = torch.cuda.is_available()
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+
+# (model type, activation it exercises): gated silu, gelu_tanh with biases, exact gelu with biases, relu
+FAMILIES = [("llama", "silu"), ("gpt2", "gelu_tanh"), ("bert", "gelu"), ("opt", "relu")]
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # relative error against the float32 reference
+
+
+def moe_layer(tiny, active: int, pad_to: int = 1, seed: int = 0):
+    """(dense FFNLayer, its LayerPartition, the MoEFFN) of block 0 of a tiny model."""
+    layer = dense_ffn_layers(tiny.model, tiny.family)[0]
+    point = make_point(tiny.d_ff, active=active)
+    lp = random_partition([layer], point, seed=seed).layers[0]
+    return layer, lp, MoEFFN.from_layer(layer, lp, point, pad_to=pad_to)
+
+
+def paths_for(n_tokens: int) -> list[str]:
+    """Every path that takes n_tokens tokens here (decode: at most 4, and Triton needed)."""
+    return [p for p in PATHS if p != "decode" or (n_tokens <= DECODE_MAX_TOKENS and HAS_TRITON)]
+
+
+def device_tokens(n_tokens: int, d: int, seed: int, device: str = "cpu") -> torch.Tensor:
+    return torch.randn(n_tokens, d, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+@pytest.mark.parametrize("model_type,activation", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_tokens", [1, 3, 40])
+def test_every_path_equals_the_float32_reference(tiny_models, model_type, activation, dtype, n_tokens):
+    tiny = tiny_models[model_type]
+    layer, lp, moe = moe_layer(tiny, active=3, seed=n_tokens)
+    assert layer.activation == activation
+    x = device_tokens(n_tokens, tiny.d_model, seed=1)
+    mask = moe.route(x)  # [T, E]
+    expected = moe_forward(layer, lp.assign, mask, x)  # float32, dense arithmetic
+    moe = moe.to(dtype)
+
+    for path in paths_for(n_tokens):
+        moe.kernel = path
+        with torch.no_grad():
+            y = moe.forward_with_mask(x.to(dtype), mask)
+        assert y.dtype == dtype
+        assert relative(y.float(), expected) <= TOLERANCE[dtype], path
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_every_path_with_all_experts_active_is_the_dense_ffn_and_padding_changes_nothing(tiny_models, model_type):
+    tiny = tiny_models[model_type]
+    layer, _, moe = moe_layer(tiny, active=tiny.d_ff // 8, pad_to=64)  # k = E; m = 8 padded to 64
+    assert moe.expert_width == 64
+    for n_tokens in (2, 17):
+        x = device_tokens(n_tokens, tiny.d_model, seed=n_tokens)
+        for path in paths_for(n_tokens):
+            moe.kernel = path
+            with torch.no_grad():
+                torch.testing.assert_close(moe(x), layer.forward(x), rtol=1e-5, atol=1e-5, msg=path)
+
+
+def test_decode_and_grouped_never_read_the_weights_of_unselected_experts(tiny_models):
+    tiny = tiny_models["llama"]
+    layer, lp, moe = moe_layer(tiny, active=2)
+    x = device_tokens(2, tiny.d_model, seed=3)
+    mask = moe.route(x)
+    unused = (~mask.any(0)).nonzero().squeeze(1)
+    assert unused.numel() > 0
+    expected = moe_forward(layer, lp.assign, mask, x)
+    with torch.no_grad():
+        for weight in (moe.w_in, moe.w_gate, moe.w_out):
+            weight[unused] = float("nan")  # anything that multiplied them would turn NaN
+
+        for path in [p for p in paths_for(2) if p != "dense"]:
+            moe.kernel = path
+            torch.testing.assert_close(moe.forward_with_mask(x, mask), expected, rtol=1e-5, atol=1e-5, msg=path)
+        moe.kernel = "dense"  # the dense path reads every weight: it is only chosen when most are needed anyway
+        assert moe.forward_with_mask(x, mask).isnan().all()
+
+
+@pytest.mark.parametrize("n_rows,width", [(24, 32), (24, 6)])  # aligned rows (torch._grouped_mm) and not (per-expert matmuls)
+def test_grouped_matmul_multiplies_each_segment_by_its_expert(n_rows, width):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n_rows, width, generator=g)
+    w = torch.randn(3, 16, width, generator=g)  # [E, n, K]
+    counts = torch.tensor([5, 0, n_rows - 5])  # an expert no row selected
+
+    z = grouped_matmul(a, w, counts)
+
+    torch.testing.assert_close(z, torch.cat([a[:5] @ w[0].T, a[5:] @ w[2].T]), rtol=1e-5, atol=1e-5)
+
+
+def test_paths_run_inside_a_converted_model(tiny_models):
+    tiny = tiny_models["llama"]
+    layers = dense_ffn_layers(tiny.model, tiny.family)
+    point = make_point(tiny.d_ff, active=3)
+    model = convert(copy.deepcopy(tiny.model), tiny.family, random_partition(layers, point, seed=2))
+    ids = torch.randint(0, 64, (1, 4), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = {}
+        for path in paths_for(4):
+            for module in model.modules():
+                if isinstance(module, MoEFFN):
+                    module.kernel = path
+            logits[path] = model(input_ids=ids).logits
+    for path, value in logits.items():
+        torch.testing.assert_close(value, logits["reference"], rtol=1e-4, atol=1e-4, msg=path)
+
+
+def test_gradients_flow_through_the_default_path(tiny_models):
+    tiny = tiny_models["llama"]
+    _, _, moe = moe_layer(tiny, active=3)
+    x = device_tokens(4, tiny.d_model, seed=5).requires_grad_()
+
+    moe(x).square().sum().backward()
+
+    assert x.grad is not None and moe.w_in.grad is not None and moe.w_in.grad.abs().sum() > 0
+
+
+def test_cuda_path_choice_follows_token_count_and_expert_union():
+    union_never_asked = lambda: pytest.fail("decode must choose without synchronising")  # noqa: E731
+    assert cuda_path(1, union_never_asked) == ("decode" if HAS_TRITON else "grouped")
+    assert cuda_path(DECODE_MAX_TOKENS, union_never_asked) == ("decode" if HAS_TRITON else "grouped")
+    assert cuda_path(DECODE_MAX_TOKENS + 1, lambda: 1.0) == "dense"
+    assert cuda_path(DENSE_MAX_TOKENS, lambda: DENSE_MIN_UNION - 0.01) == "grouped"
+    assert cuda_path(DENSE_MAX_TOKENS + 1, lambda: 1.0) == "grouped"
+
+
+def test_bad_paths_and_too_many_decode_tokens_are_clear_errors(tiny_models):
+    tiny = tiny_models["llama"]
+    _, _, moe = moe_layer(tiny, active=3)
+    x = device_tokens(DECODE_MAX_TOKENS + 1, tiny.d_model, seed=0)
+    with pytest.raises(MetanetError, match="unknown MoE kernel path 'fast'; known: auto, reference"):
+        expert_sum(moe, x, moe.route(x), "fast")
+    if HAS_TRITON:
+        with pytest.raises(MetanetError, match="at most 4 tokens"):
+            expert_sum(moe, x, moe.route(x), "decode")
+
+
+# -- on a GPU ---------------------------------------------------------------------------------
+@needs_cuda
+@pytest.mark.parametrize("n_tokens", [1, 2, 4, 8, 64, 300])
+def test_cuda_bfloat16_default_path_is_within_one_percent_of_float32(tiny_models, n_tokens):
+    tiny = tiny_models["llama"]
+    layer, lp, moe = moe_layer(tiny, active=3, pad_to=64)
+    x = device_tokens(n_tokens, tiny.d_model, seed=n_tokens)
+    mask = moe.route(x)
+    expected = moe_forward(layer, lp.assign, mask, x)
+    moe = moe.to("cuda", torch.bfloat16)
+
+    with torch.inference_mode():
+        y = moe.forward_with_mask(x.to("cuda", torch.bfloat16), mask.cuda())
+
+    assert relative(y.float().cpu(), expected) <= 1e-2
+
+
+@needs_cuda
+@needs_triton
+def test_cuda_decode_kernel_equals_reference_on_a_wide_layer():
+    from metanet.checkpoints import FFNLayer
+    from metanet.partition import LayerPartition, OperatingPoint
+
+    g = torch.Generator().manual_seed(0)
+    d, f, point = 512, 2048, OperatingPoint(16, 4, 0)
+    layer = FFNLayer(w_in=torch.randn(f, d, generator=g) / d**0.5, w_gate=torch.randn(f, d, generator=g) / d**0.5,
+                     w_out=torch.randn(d, f, generator=g) / f**0.5, activation="silu")
+    lp = LayerPartition(torch.randperm(f, generator=g) % 16, torch.randn(16, d, generator=g), torch.zeros(16))
+    moe = MoEFFN.from_layer(layer, lp, point, pad_to=64).to("cuda")
+    inputs = [torch.randn(n, d, generator=g).cuda() for n in range(1, DECODE_MAX_TOKENS + 1)]
+    masks = [moe.route(x) for x in inputs]
+    with torch.inference_mode():
+        references = [expert_sum(moe, x, mask, "reference") for x, mask in zip(inputs, masks)]  # float32
+        moe = moe.to(torch.bfloat16)
+        for x, mask, reference in zip(inputs, masks, references):
+            assert relative(expert_sum(moe, x.to(torch.bfloat16), mask, "decode"), reference) <= 1e-2
