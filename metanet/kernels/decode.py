@@ -125,7 +125,7 @@ def decode_sum(
         raise MetanetError(f"the decode kernel takes at most {MAX_TOKENS} tokens, got {n_tokens}")
     weights = [None if t is None else t.detach() for t in (ffn.w_in, ffn.w_gate, ffn.b_in, ffn.w_out)]
     w_in, w_gate, b_in, w_out = weights
-    use = mask.to(torch.int32).contiguous()  # [T, E]
+    use = mask.contiguous().view(torch.uint8)  # [T, E] the bool mask's bytes, no copy
     h = torch.empty((n_tokens, n_experts, width), dtype=torch.float32, device=tokens.device)  # read only where use = 1
     y = torch.zeros((n_tokens, d), dtype=torch.float32, device=tokens.device)
     block_m, block_d = up_block

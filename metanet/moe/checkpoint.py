@@ -280,7 +280,11 @@ def read_config(folder: str | Path) -> tuple[dict, dict]:
 
 
 def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """The transformers model of the MoE checkpoint in `folder`, every FFN an MoEFFN, in eval mode on `device`.
+    """The transformers model of the MoE checkpoint in `folder`, every FFN an MoEFFN, ready for inference on `device`.
+
+    Eval mode with every parameter's requires_grad off, so that on CUDA the MoEFFNs take
+    the fast paths of `metanet.kernels` even outside torch.no_grad(); code that trains the
+    model (metanet.heal) switches on the tensors it trains.
 
     Causal LMs come as their *ForCausalLM model with the checkpoint's generation config
     and run `model.generate`; encoders (bert) as the bare model (`last_hidden_state`).
@@ -294,7 +298,7 @@ def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
-    return model.to(device).eval()
+    return model.to(device).eval().requires_grad_(False)
 
 
 def _read_model(folder: Path, dtype: torch.dtype | None, source: Path) -> nn.Module:
