@@ -126,5 +126,5 @@ def session_tracking_store():
     import sys
 
     os.environ["MLFLOW_TRACKING_URI"] = SESSION_TRACKING_URI
-    if "mlflow" in sys.modules:
+    if sys.modules.get("mlflow") is not None:  # imported (the GPU machines have no mlflow at all)
         sys.modules["mlflow"].set_tracking_uri(SESSION_TRACKING_URI)
