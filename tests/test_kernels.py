@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from metanet.errors import MetanetError
-from metanet.kernels import PATHS, expert_sum
+from metanet.kernels import PATHS, moe_output
 from metanet.kernels.dispatch import DECODE_MAX_TOKENS, DENSE_MAX_TOKENS, DENSE_MIN_UNION, cuda_path
 from metanet.kernels.grouped import grouped_matmul
 from metanet.moe import MoEFFN, convert, dense_ffn_layers, moe_forward
@@ -96,6 +96,21 @@ def test_decode_and_grouped_never_read_the_weights_of_unselected_experts(tiny_mo
         assert moe.forward_with_mask(x, mask).isnan().all()
 
 
+@needs_triton
+@pytest.mark.parametrize("model_type,shared", [("llama", 0), ("gpt_neox", 2)])
+def test_decode_routes_inside_its_kernel_as_the_router_does(tiny_models, model_type, shared):
+    tiny = tiny_models[model_type]
+    layer = dense_ffn_layers(tiny.model, tiny.family)[0]
+    point = make_point(tiny.d_ff, active=4, shared=shared)
+    lp = random_partition([layer], point, seed=7).layers[0]
+    moe = MoEFFN.from_layer(layer, lp, point)
+    for seed in range(5):
+        x = device_tokens(DECODE_MAX_TOKENS, tiny.d_model, seed=seed)
+        expected = moe_forward(layer, lp.assign, moe.route(x), x)  # b_out included
+        with torch.no_grad():
+            torch.testing.assert_close(moe_output(moe, x, None, "decode"), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("n_rows,width", [(24, 32), (24, 6)])  # aligned rows (torch._grouped_mm) and not (per-expert matmuls)
 def test_grouped_matmul_multiplies_each_segment_by_its_expert(n_rows, width):
     g = torch.Generator().manual_seed(0)
@@ -149,10 +164,10 @@ def test_bad_paths_and_too_many_decode_tokens_are_clear_errors(tiny_models):
     _, _, moe = moe_layer(tiny, active=3)
     x = device_tokens(DECODE_MAX_TOKENS + 1, tiny.d_model, seed=0)
     with pytest.raises(MetanetError, match="unknown MoE kernel path 'fast'; known: auto, reference"):
-        expert_sum(moe, x, moe.route(x), "fast")
+        moe_output(moe, x, None, "fast")
     if HAS_TRITON:
         with pytest.raises(MetanetError, match="at most 4 tokens"):
-            expert_sum(moe, x, moe.route(x), "decode")
+            moe_output(moe, x, None, "decode")
 
 
 # -- on a GPU ---------------------------------------------------------------------------------
@@ -187,7 +202,8 @@ def test_cuda_decode_kernel_equals_reference_on_a_wide_layer():
     inputs = [torch.randn(n, d, generator=g).cuda() for n in range(1, DECODE_MAX_TOKENS + 1)]
     masks = [moe.route(x) for x in inputs]
     with torch.inference_mode():
-        references = [expert_sum(moe, x, mask, "reference") for x, mask in zip(inputs, masks)]  # float32
+        references = [moe_output(moe, x, mask, "reference") for x, mask in zip(inputs, masks)]  # float32
         moe = moe.to(torch.bfloat16)
         for x, mask, reference in zip(inputs, masks, references):
-            assert relative(expert_sum(moe, x.to(torch.bfloat16), mask, "decode"), reference) <= 1e-2
+            assert relative(moe_output(moe, x.to(torch.bfloat16), mask, "decode").float(), reference) <= 1e-2
+            assert relative(moe_output(moe, x.to(torch.bfloat16), None, "decode").float(), reference) <= 1e-2  # its own routing

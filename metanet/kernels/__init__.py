@@ -6,12 +6,13 @@
     grouped    tokens sorted by expert, one grouped GEMM per projection     (prefill and batches)
     dense      the dense FFN over all experts with unselected neurons zeroed (the union covers most experts)
 
-Every path takes the same arguments — an MoEFFN (only its tensors and activation are
-read), tokens [T, d] and a boolean mask [T, E] — and returns the float32 sum [T, d]
-without b_out (MoEFFN adds it). `metanet.kernels.dispatch.choose_path` picks the path;
-`MoEFFN.kernel` forces one. Triton is imported only by the decode path.
+`moe_output(ffn, tokens, mask)` runs one: an MoEFFN (its tensors, activation and
+operating point), tokens [T, d] and a boolean mask [T, E] (None: the router's selection)
+give y = Σ_e mask[t, e] · y_e(x_t) + b_out [T, d] in the tokens' dtype.
+`metanet.kernels.dispatch.choose_path` picks the path; `MoEFFN.kernel` forces one.
+Triton is imported only by the decode path.
 """
 
-from metanet.kernels.dispatch import PATHS, choose_path, expert_sum
+from metanet.kernels.dispatch import PATHS, choose_path, moe_output
 
-__all__ = ["PATHS", "choose_path", "expert_sum"]
+__all__ = ["PATHS", "choose_path", "moe_output"]

@@ -1,13 +1,18 @@
-"""Decode path (T ≤ 4 tokens): two Triton kernels that read only the selected experts' weights.
+"""Decode path (T ≤ 4 tokens): three Triton kernels that read only the selected experts' weights.
 
-No sort and no host synchronisation: every program looks up in the mask whether any
-token selected its expert and does nothing otherwise, so the weights read are those of
-the union of the tokens' experts — k experts' worth at T = 1.
+No sort and no host synchronisation (so a decode step can be captured in a CUDA graph),
+and no other launch: the expert selection, the activation, b_out and the cast to the
+output dtype are fused into the three kernels.
 
+    route grid (T,):          s = x_t·W_rᵀ + b_r;  expert e selected iff e < s_shared, or e is
+                              routed and fewer than k − s_shared routed experts beat it
+                              (higher score, or equal score and lower index)   [skipped when the mask is given]
     up    grid (E, ⌈m/BM⌉):   H[t, e, rows] = act(W_in[e, rows]·x_t + b_in[e, rows]) ⊙ (W_gate[e, rows]·x_t)
-                              for the tokens t that selected e, 0 for the others        (activation fused)
-    down  grid (⌈d/BD⌉, E):   y[t, cols] += W_out[e, cols, :] · H[t, e, :]               (float32 atomic add)
+                              for the tokens t that selected e, 0 for the others; a program whose
+                              expert no token selected returns at once
+    down  grid (⌈d/BD⌉,):     y[t, cols] = Σ_{e selected by any token} W_out[e, cols, :] · H[t, e, :] + b_out[cols]
 
+The weights read are those of the union of the tokens' experts: k experts' worth at T = 1.
 Tokens are padded to 16 rows so that each block product is one `tl.dot`; weights are
 loaded in their own dtype (the bytes that bound decode time) and multiplied in float32.
 Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (set before this module
@@ -49,6 +54,31 @@ def _activation(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def _route_kernel(
+    x_ptr, router_weight_ptr, router_bias_ptr, use_ptr,
+    n_experts, d_model, shared, routed_active,
+    EXPERT_LANES: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    token = tl.program_id(0)
+    experts = tl.arange(0, EXPERT_LANES)  # [EL] ≥ E, a power of two
+    is_expert = experts < n_experts
+    scores = tl.zeros((EXPERT_LANES,), dtype=tl.float32)
+    for start in range(0, d_model, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + token * d_model + cols, mask=cols < d_model, other=0.0).to(tl.float32)  # [BD]
+        w = tl.load(router_weight_ptr + experts[:, None] * d_model + cols[None, :],
+                    mask=is_expert[:, None] & (cols[None, :] < d_model), other=0.0).to(tl.float32)  # [EL, BD]
+        scores += tl.sum(w * x[None, :], axis=1)
+    scores += tl.load(router_bias_ptr + experts, mask=is_expert, other=0.0).to(tl.float32)
+    routed = is_expert & (experts >= shared)
+    # beats[i, j]: routed expert j ranks above expert i
+    beats = routed[None, :] & ((scores[None, :] > scores[:, None]) | ((scores[None, :] == scores[:, None]) & (experts[None, :] < experts[:, None])))
+    rank = tl.sum(beats.to(tl.int32), axis=1)  # [EL] routed experts ranked above each expert
+    selected = (is_expert & (experts < shared)) | (routed & (rank < routed_active))
+    tl.store(use_ptr + token * n_experts + experts, selected.to(tl.uint8), mask=is_expert)
+
+
+@triton.jit
 def _up_kernel(
     x_ptr, use_ptr, w_in_ptr, w_gate_ptr, b_in_ptr, h_ptr,
     n_tokens, n_experts, width, d_model,
@@ -87,35 +117,38 @@ def _up_kernel(
 
 @triton.jit
 def _down_kernel(
-    h_ptr, use_ptr, w_out_ptr, y_ptr,
+    h_ptr, use_ptr, w_out_ptr, b_out_ptr, y_ptr,
     n_tokens, n_experts, width, d_model,
-    TOKEN_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, TOKEN_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    expert = tl.program_id(1)
     tokens = tl.arange(0, TOKEN_ROWS)
     is_token = tokens < n_tokens
-    use = tl.load(use_ptr + tokens * n_experts + expert, mask=is_token, other=0)
-    if tl.max(use, axis=0) > 0:
-        cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD] output coordinates
-        expert_offset = expert.to(tl.int64) * d_model * width
-        acc = tl.zeros((TOKEN_ROWS, BLOCK_D), dtype=tl.float32)
-        for start in range(0, width, BLOCK_M):
-            neurons = start + tl.arange(0, BLOCK_M)  # [BM]
-            h = tl.load(h_ptr + tokens[:, None] * n_experts * width + expert * width + neurons[None, :],
-                        mask=is_token[:, None] & (neurons[None, :] < width), other=0.0)  # [16, BM]
-            w = tl.load(w_out_ptr + expert_offset + cols[:, None] * width + neurons[None, :],
-                        mask=(cols[:, None] < d_model) & (neurons[None, :] < width), other=0.0).to(tl.float32)  # [BD, BM]
-            acc = tl.dot(h, tl.trans(w), acc)  # [16, BD]
-        tl.atomic_add(y_ptr + tokens[:, None] * d_model + cols[None, :], acc,
-                      mask=is_token[:, None] & (cols[None, :] < d_model))
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD] output coordinates
+    acc = tl.zeros((TOKEN_ROWS, BLOCK_D), dtype=tl.float32)
+    for expert in range(n_experts):
+        use = tl.load(use_ptr + tokens * n_experts + expert, mask=is_token, other=0)
+        if tl.max(use, axis=0) > 0:
+            expert_offset = tl.cast(expert, tl.int64) * d_model * width
+            for start in range(0, width, BLOCK_M):
+                neurons = start + tl.arange(0, BLOCK_M)  # [BM]
+                h = tl.load(h_ptr + tokens[:, None] * n_experts * width + expert * width + neurons[None, :],
+                            mask=is_token[:, None] & (neurons[None, :] < width), other=0.0)  # [16, BM]
+                w = tl.load(w_out_ptr + expert_offset + cols[:, None] * width + neurons[None, :],
+                            mask=(cols[:, None] < d_model) & (neurons[None, :] < width), other=0.0).to(tl.float32)  # [BD, BM]
+                acc = tl.dot(h, tl.trans(w), acc)  # [16, BD]
+    if HAS_BIAS:
+        acc += tl.load(b_out_ptr + cols, mask=cols < d_model, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + tokens[:, None] * d_model + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=is_token[:, None] & (cols[None, :] < d_model))
 
 
-def decode_sum(
-    ffn: MoEFFN, tokens: torch.Tensor, mask: torch.Tensor,
-    up_block: tuple[int, int] = (32, 128), down_block: tuple[int, int] = (64, 128), num_warps: int = 4,
+def decode_output(
+    ffn: MoEFFN, tokens: torch.Tensor, mask: torch.Tensor | None = None,
+    up_block: tuple[int, int] = (32, 128), down_block: tuple[int, int] = (32, 128), num_warps: int = 4,
 ) -> torch.Tensor:
-    """Σ_e mask[t, e] · y_e(x_t) for at most MAX_TOKENS tokens.   tokens: [T, d], mask: bool [T, E] → float32 [T, d]
+    """y = Σ_e mask[t, e] · y_e(x_t) + b_out in the tokens' dtype, for at most MAX_TOKENS tokens.
 
+    tokens: [T, d], mask: bool [T, E], or None for the router's own selection → y: [T, d]
     up_block = (BLOCK_M, BLOCK_D) of the up kernel, down_block = (BLOCK_D, BLOCK_M) of the
     down kernel (powers of two ≥ 16); benchmarks/moe_kernels.py --tune measures them.
     """
@@ -123,21 +156,29 @@ def decode_sum(
     n_experts, width, _ = ffn.w_in.shape
     if n_tokens > MAX_TOKENS:
         raise MetanetError(f"the decode kernel takes at most {MAX_TOKENS} tokens, got {n_tokens}")
-    weights = [None if t is None else t.detach() for t in (ffn.w_in, ffn.w_gate, ffn.b_in, ffn.w_out)]
-    w_in, w_gate, b_in, w_out = weights
-    use = mask.contiguous().view(torch.uint8)  # [T, E] the bool mask's bytes, no copy
-    h = torch.empty((n_tokens, n_experts, width), dtype=torch.float32, device=tokens.device)  # read only where use = 1
-    y = torch.zeros((n_tokens, d), dtype=torch.float32, device=tokens.device)
+    x = tokens.detach().contiguous()
+    w_in, w_gate, b_in, w_out, b_out = (None if t is None else t.detach() for t in (ffn.w_in, ffn.w_gate, ffn.b_in, ffn.w_out, ffn.b_out))
+    if mask is None:
+        use = torch.empty((n_tokens, n_experts), dtype=torch.uint8, device=x.device)  # [T, E] 1 = selected
+        point = ffn.point
+        _route_kernel[(n_tokens,)](
+            x, ffn.router_weight.detach(), ffn.router_bias.detach(), use, n_experts, d, point.shared, point.routed_active,
+            EXPERT_LANES=max(16, triton.next_power_of_2(n_experts)), BLOCK_D=128, num_warps=num_warps,
+        )
+    else:
+        use = mask.contiguous().view(torch.uint8)  # [T, E] the bool mask's bytes, no copy
+    h = torch.empty((n_tokens, n_experts, width), dtype=torch.float32, device=x.device)  # read only where use = 1
+    y = torch.empty((n_tokens, d), dtype=tokens.dtype, device=x.device)
     block_m, block_d = up_block
     _up_kernel[(n_experts, triton.cdiv(width, block_m))](
-        tokens.detach().contiguous(), use, w_in, w_in if w_gate is None else w_gate, w_in if b_in is None else b_in, h,
+        x, use, w_in, w_in if w_gate is None else w_gate, w_in if b_in is None else b_in, h,
         n_tokens, n_experts, width, d,
         ACTIVATION=ffn.activation, GATED=w_gate is not None, HAS_BIAS=b_in is not None,
         TOKEN_ROWS=_TOKEN_ROWS, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
     )
     block_d, block_m = down_block
-    _down_kernel[(triton.cdiv(d, block_d), n_experts)](
-        h, use, w_out, y, n_tokens, n_experts, width, d,
-        TOKEN_ROWS=_TOKEN_ROWS, BLOCK_D=block_d, BLOCK_M=block_m, num_warps=num_warps,
+    _down_kernel[(triton.cdiv(d, block_d),)](
+        h, use, w_out, w_out if b_out is None else b_out, y, n_tokens, n_experts, width, d,
+        HAS_BIAS=b_out is not None, TOKEN_ROWS=_TOKEN_ROWS, BLOCK_D=block_d, BLOCK_M=block_m, num_warps=num_warps,
     )
     return y

@@ -7,7 +7,8 @@
     otherwise                           → grouped     (k/E of the dense FLOPs)
 
 The thresholds are the crossover points of benchmarks/moe_kernels.py (`--paths` times
-every path at every T); the decode choice needs no host synchronisation.
+every path at every T). Choosing decode needs no host synchronisation, and decode
+routes inside its own kernels.
 """
 
 from __future__ import annotations
@@ -34,12 +35,12 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def choose_path(ffn: MoEFFN, tokens: torch.Tensor, mask: torch.Tensor) -> str:
-    """The path for this call (module docstring).   tokens: [T, d], mask: bool [T, E]"""
+def choose_path(ffn: MoEFFN, tokens: torch.Tensor, mask: Callable[[], torch.Tensor]) -> str:
+    """The path for this call (module docstring).   tokens: [T, d]; mask() → bool [T, E], asked only if needed"""
     needs_grad = torch.is_grad_enabled() and (tokens.requires_grad or any(p.requires_grad for p in ffn.parameters()))
     if needs_grad or tokens.device.type != "cuda":
         return "reference"
-    return cuda_path(tokens.shape[0], lambda: mask.any(0).float().mean().item())
+    return cuda_path(tokens.shape[0], lambda: mask().any(0).float().mean().item())
 
 
 def cuda_path(n_tokens: int, union_fraction: Callable[[], float]) -> str:
@@ -51,20 +52,38 @@ def cuda_path(n_tokens: int, union_fraction: Callable[[], float]) -> str:
     return "grouped"
 
 
-def expert_sum(ffn: MoEFFN, tokens: torch.Tensor, mask: torch.Tensor, path: str = "auto") -> torch.Tensor:
-    """Σ_e mask[t, e] · y_e(x_t) by `path` ("auto" chooses).   tokens: [T, d], mask: bool [T, E] → float32 [T, d]"""
+def moe_output(ffn: MoEFFN, tokens: torch.Tensor, mask: torch.Tensor | None = None, path: str = "auto") -> torch.Tensor:
+    """y = Σ_e mask[t, e] · y_e(x_t) + b_out in the tokens' dtype, by `path` ("auto" chooses).
+
+    tokens: [T, d]; mask: bool [T, E], or None for the router's selection (`ffn.route`) → y: [T, d]
+    The torch paths return float32 sums that are finished here; decode finishes in its kernel.
+    """
+    routed: list[torch.Tensor] = []  # the router's mask, computed at most once
+
+    def selection() -> torch.Tensor:
+        if mask is not None:
+            return mask
+        if not routed:
+            routed.append(ffn.route(tokens))
+        return routed[0]
+
     if path == "auto":
-        path = choose_path(ffn, tokens, mask)
-    if path == "reference":
-        from metanet.kernels.reference import reference_sum as run
-    elif path == "grouped":
-        from metanet.kernels.grouped import grouped_sum as run
-    elif path == "dense":
-        from metanet.kernels.dense import dense_sum as run
-    elif path == "decode":
+        path = choose_path(ffn, tokens, selection)
+    if path == "decode":
         if not triton_available():
             raise MetanetError("the decode path needs Triton (pip install triton)")
-        from metanet.kernels.decode import decode_sum as run
+        from metanet.kernels.decode import decode_output
+
+        return decode_output(ffn, tokens, mask)
+    if path == "reference":
+        from metanet.kernels.reference import reference_sum as expert_sum
+    elif path == "grouped":
+        from metanet.kernels.grouped import grouped_sum as expert_sum
+    elif path == "dense":
+        from metanet.kernels.dense import dense_sum as expert_sum
     else:
         raise MetanetError(f"unknown MoE kernel path {path!r}; known: auto, {', '.join(PATHS)}")
-    return run(ffn, tokens, mask)
+    y = expert_sum(ffn, tokens, selection())  # float32 [T, d]
+    if ffn.b_out is not None:
+        y = y + ffn.b_out.float()
+    return y.to(tokens.dtype)

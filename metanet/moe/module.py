@@ -13,8 +13,9 @@ A token x runs the experts in  S(x) = {0..s−1} ∪ top_{k−s} over routed e o
 The experts are carved out of the dense FFN, so with k = E this *is* the dense FFN
 (up to summation order), and with k < E it equals `metanet.moe.routing.moe_forward`.
 
-The sum runs on one of `metanet.kernels`' paths (reference on CPU and under autograd;
-on CUDA a Triton decode kernel, a grouped GEMM or the masked dense FFN, chosen per call).
+Both forwards run on the path `self.kernel` names ("auto": `metanet.kernels.choose_path`
+picks per call — reference on CPU and under autograd; on CUDA the Triton decode kernels,
+a grouped GEMM or the masked dense FFN); sums accumulate in float32.
 
 Storage is grouped and contiguous, the layout a grouped-GEMM kernel and the MoE
 checkpoint use:  w_in [E, m, d], w_gate [E, m, d] (gated only), w_out [E, d, m],
@@ -35,7 +36,7 @@ from torch import nn
 
 from metanet.checkpoints import ACTIVATIONS, FFNLayer
 from metanet.errors import MetanetError
-from metanet.kernels import expert_sum
+from metanet.kernels import moe_output
 from metanet.moe.routing import select_experts
 from metanet.partition.partition import LayerPartition, OperatingPoint
 
@@ -172,25 +173,23 @@ class MoEFFN(nn.Module):
     # -- computing ----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y = Σ_{e∈S(x)} y_e(x) + b_out with S(x) from the router.   x: [..., d] → y: [..., d]"""
-        return self.forward_with_mask(x, self.route(x))
+        self._check_input(x)
+        return moe_output(self, x.reshape(-1, self.d_model), None, self.kernel).reshape(x.shape)
 
     def forward_with_mask(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """y = Σ_e mask[t, e] · y_e(x_t) + b_out for any expert selection (oracle routing, ablations).
 
         x: [..., d], mask: bool [..., E] → y: [..., d]
-
-        The sum runs on the path `self.kernel` names ("auto": `metanet.kernels.choose_path`
-        picks reference, decode, grouped or dense per call); it accumulates in float32.
         """
-        if x.shape[-1] != self.d_model:
-            raise MetanetError(f"MoEFFN input has width {x.shape[-1]}, expected d={self.d_model}")
+        self._check_input(x)
         if tuple(mask.shape) != (*x.shape[:-1], self.n_experts):
             raise MetanetError(f"routing mask has shape {list(mask.shape)}, expected {[*x.shape[:-1], self.n_experts]}")
-        tokens = x.reshape(-1, self.d_model)  # [T, d]
-        y = expert_sum(self, tokens, mask.reshape(-1, self.n_experts).bool(), self.kernel)  # float32 [T, d]
-        if self.b_out is not None:
-            y = y + self.b_out.float()
-        return y.to(x.dtype).reshape(x.shape)
+        tokens, mask = x.reshape(-1, self.d_model), mask.reshape(-1, self.n_experts).bool()  # [T, d], [T, E]
+        return moe_output(self, tokens, mask, self.kernel).reshape(x.shape)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.d_model:
+            raise MetanetError(f"MoEFFN input has width {x.shape[-1]}, expected d={self.d_model}")
 
     # -- back to dense ------------------------------------------------------------------
     def to_ffn_layer(self, original_order: bool = False) -> FFNLayer:
