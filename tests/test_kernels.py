@@ -207,3 +207,20 @@ def test_cuda_decode_kernel_equals_reference_on_a_wide_layer():
         for x, mask, reference in zip(inputs, masks, references):
             assert relative(moe_output(moe, x.to(torch.bfloat16), mask, "decode").float(), reference) <= 1e-2
             assert relative(moe_output(moe, x.to(torch.bfloat16), None, "decode").float(), reference) <= 1e-2  # its own routing
+
+
+@needs_cuda
+def test_loaded_moe_checkpoint_runs_and_generates_on_cuda_as_on_cpu(tiny_models, tmp_path):
+    from metanet.checkpoints import open_checkpoint
+    from metanet.moe import apply, load
+
+    tiny = tiny_models["llama"]
+    checkpoint = open_checkpoint(tiny.path)
+    apply(checkpoint, random_partition(list(checkpoint.layers()), make_point(tiny.d_ff, active=3)), tmp_path / "moe")
+    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(0))
+    on_cpu, on_cuda = load(tmp_path / "moe"), load(tmp_path / "moe", device="cuda")
+
+    with torch.no_grad():  # prefill: 5 tokens (dense or grouped); then one token at a time (decode)
+        assert relative(on_cuda(input_ids=ids.cuda()).logits.cpu(), on_cpu(input_ids=ids).logits) <= 1e-2
+    generated = on_cuda.generate(ids.cuda(), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert generated.shape == (1, 11)
