@@ -67,6 +67,7 @@ from typing import Callable
 import torch
 
 from metanet.checkpoints import FFNLayer
+from metanet.eval.speed import model_speed, per_call_ms
 from metanet.kernels import choose_path
 from metanet.moe.module import MoEFFN
 from metanet.partition.partition import LayerPartition, OperatingPoint, Partition
@@ -236,50 +237,6 @@ def random_partition(d: int, f: int, experts: int, seed: int) -> LayerPartition:
 
 
 # -- timing ---------------------------------------------------------------------------------
-def per_call_ms(call: Callable[[int], object], calls: int, repeats: int, device: torch.device, graph: bool = False) -> float:
-    """Milliseconds per call of call(0), …, call(calls − 1) run back to back: median over `repeats` passes.
-
-    One untimed pass first (Triton compiles, allocator warms). CUDA: events around each pass, calls
-    queued without synchronisation; graph=True captures the pass as one CUDA graph and times its
-    replay (GPU time only). CPU: time.perf_counter.
-    """
-
-    def one_pass() -> None:
-        for i in range(calls):
-            call(i)
-
-    one_pass()
-    if device.type != "cuda":
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            one_pass()
-            times.append((time.perf_counter() - start) * 1e3 / calls)
-        return statistics.median(times)
-    run = one_pass
-    if graph:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
-            one_pass()
-        torch.cuda.current_stream().wait_stream(side)
-        cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cuda_graph):
-            one_pass()
-        run = cuda_graph.replay
-        run()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times)
-
-
 def copy_bandwidth(device: torch.device, n_bytes: int = 1 << 30) -> float:
     """Measured device-to-device copy bandwidth, bytes read + written per second."""
     src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
@@ -531,36 +488,13 @@ def end_to_end(bench: Bench, n_layers: int) -> None:
             empty_cache(device)
             result["convert_s"] = time.perf_counter() - start
         for batch in sizes.e2e_batches:
-            run = bench.attempt(f"e2e {kind} batch {batch}", lambda: generate_rate(model, prompts[batch], sizes.e2e_new_tokens, sizes.e2e_repeats, device))
+            run = bench.attempt(f"e2e {kind} batch {batch}", lambda: model_speed(model, prompts[batch], sizes.e2e_new_tokens, device, sizes.e2e_repeats))
             if run is not None:
                 result["runs"].append({"model": kind, "batch": batch, **run})
                 log.info("e2e %s batch %d: %.1f tokens/s", kind, batch, run["tokens_per_s"])
             bench.save()
     del model
     empty_cache(device)
-
-
-def generate_rate(model, prompt: torch.Tensor, new_tokens: int, repeats: int, device: torch.device) -> dict:
-    """Greedy generate of exactly `new_tokens` per sequence after one warm-up: median seconds and tokens/s."""
-
-    def generate() -> float:
-        sync(device)
-        start = time.perf_counter()
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=0)
-        sync(device)
-        if out.shape[1] != prompt.shape[1] + new_tokens:
-            raise RuntimeError(f"generate returned {out.shape[1] - prompt.shape[1]} new tokens, expected {new_tokens}")
-        return time.perf_counter() - start
-
-    generate()
-    seconds = statistics.median(generate() for _ in range(repeats))
-    return {"seconds": seconds, "tokens_per_s": prompt.shape[0] * new_tokens / seconds}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 # -- report ---------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from cli.main import app
+from tests_support import assert_one_line_error
 
 runner = CliRunner()
 
@@ -60,13 +61,6 @@ CASES = {
     "no weights": (lambda f: (f / "model.safetensors").unlink(), "no weights found"),
     "bad width in config": (lambda f: edit_config(f, hidden_size="32"), "'hidden_size' must be a positive integer"),
 }
-
-
-def assert_one_line_error(result, expected: str):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error:") and expected in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -42,3 +42,11 @@ def random_partition(layers, point: OperatingPoint, seed: int = 0) -> Partition:
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
+
+
+def assert_one_line_error(result, expected: str):
+    """A CLI result that failed on bad input: exit code 2 and one `error:` line on stderr naming `expected`."""
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:") and expected in lines[0], lines[0]

@@ -125,3 +125,29 @@ def plot_layer_partition(assign, activation_rate, path: str | Path, shared: int 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_speedup(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """FFN speed-up of the MoE over the dense model (dense ms / MoE ms) against tokens per call.
+
+    `rows` is `metanet.eval.speed.ffn_speed`'s output; each point is labelled with the path the
+    kernels took; the dashed line at 1 is parity (above: the MoE is faster).
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    tokens = [row["tokens"] for row in rows]
+    speedups = [row["speedup"] for row in rows]
+    ax.plot(tokens, speedups, marker="o", color="tab:blue")
+    for row in rows:
+        ax.annotate("/".join(row["paths"]), (row["tokens"], row["speedup"]), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    ax.axhline(1.0, color="tab:gray", lw=1, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens per call T")
+    ax.set_ylabel("speed-up  (dense ms / MoE ms)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title or "MoE FFN speed-up over the dense FFN")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

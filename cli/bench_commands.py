@@ -1,0 +1,79 @@
+"""`metanet bench`: how much faster an MoE checkpoint runs than the dense model it came from, here."""
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cli.app import app, console, progress_bar
+from cli.partition_commands import CORPUS_HELP, TRACKING_HELP, _summary_table
+
+
+@app.command("bench")
+def bench_command(
+    moe_dir: Path = typer.Argument(..., help="An MoE checkpoint folder written by `metanet apply` (or `metanet heal`)."),
+    tokens: str = typer.Option("1,8,64,512", "--tokens", help="Comma-separated tokens per FFN call T (decode is 1, prefill hundreds)."),
+    new_tokens: int = typer.Option(32, "--new-tokens", help="Tokens generated end to end (causal LMs)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32 (default: the checkpoint's own)."),
+    dense: Optional[str] = typer.Option(None, "--dense", help="Dense checkpoint to compare end to end (default: the source the MoE config names)."),
+    corpus: Optional[str] = typer.Option(None, "--corpus", help=CORPUS_HELP),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
+) -> None:
+    """Time every FFN layer (MoE vs dense) per token count on real held-out text, and generation end to end."""
+    from rich.table import Table
+
+    from metanet.errors import MetanetError
+    from metanet.eval.plots import plot_speedup
+    from metanet.eval.speed import measure_speed, resolve_device
+    from metanet.moe.checkpoint import DTYPES, read_config
+    from metanet.tracking import log_artifacts, log_metrics, tracked_run
+
+    try:
+        counts = [int(t) for t in tokens.split(",")]
+    except ValueError:
+        raise MetanetError(f"--tokens takes comma-separated integers, got {tokens!r}") from None
+    if dtype is not None and dtype not in DTYPES:
+        raise MetanetError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    read_config(moe_dir)  # bad input is refused before a run is logged
+    resolve_device(device)
+    params = {"moe_dir": str(moe_dir), "tokens": tokens, "new_tokens": new_tokens, "device": device, "dtype": dtype or "stored",
+              "dense": dense or "source", "corpus": corpus or "default"}
+    with tracked_run("bench", moe_dir.name, params, tracking_uri), progress_bar() as progress:
+
+        def steps(description: str, total: int):
+            task = progress.add_task(description, total=total)
+            return lambda: progress.advance(task)
+
+        result = measure_speed(moe_dir, counts, new_tokens, device, DTYPES.get(dtype), dense, corpus, progress=steps)
+        for row in result["ffn"]:
+            log_metrics({"speedup": row["speedup"], "dense_ms": row["dense_ms"], "moe_ms": row["moe_ms"]}, prefix=f"T{row['tokens']}_")
+        e2e = result["end_to_end"]
+        log_metrics({"moe_tokens_per_s": e2e["moe"]["tokens_per_s"], **({"dense_tokens_per_s": e2e["dense"]["tokens_per_s"],
+                     "e2e_speedup": e2e["speedup"]} if "dense" in e2e else {})})
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "bench.json").write_text(json.dumps(result, indent=1))
+            plot = plot_speedup(result["ffn"], Path(tmp) / "speedup.png", f"{moe_dir.name} on {result['device']} ({result['dtype']})")
+            log_artifacts(Path(tmp) / "bench.json", plot)
+
+    table = Table(title=f"FFN time, all {result['layers']} layers: {moe_dir.name} (E={result['experts']}, k={result['active']}) "
+                        f"on {result['device']}, {result['dtype']}")
+    for column in ("T", "dense ms", "MoE ms", "speed-up", "path"):
+        table.add_column(column, justify="left" if column == "path" else "right")
+    for row in result["ffn"]:
+        table.add_row(str(row["tokens"]), f"{row['dense_ms']:.3f}", f"{row['moe_ms']:.3f}", f"{row['speedup']:.2f}×",
+                      _shares(row["paths"]))
+    console.print(table)
+    console.print(_summary_table(f"end to end: {e2e['kind']} {e2e['input_shape']}", {
+        "MoE tokens/s": e2e["moe"]["tokens_per_s"],
+        "dense tokens/s": e2e["dense"]["tokens_per_s"] if "dense" in e2e else "not measured (dense source not found; pass --dense)",
+        **({"speed-up": f"{e2e['speedup']:.2f}×"} if "dense" in e2e else {}),
+    }))
+
+
+def _shares(paths: dict[str, int]) -> str:
+    """"decode" when every call took it, else each path with its share of the calls."""
+    total = sum(paths.values())
+    return next(iter(paths)) if len(paths) == 1 else ", ".join(f"{path} {100 * n / total:.0f}%" for path, n in paths.items())

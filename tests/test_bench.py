@@ -1,0 +1,82 @@
+"""`metanet bench`: MoE vs dense speed of an applied checkpoint on real text, logged to MLflow."""
+
+import json
+
+import mlflow
+import torch
+from typer.testing import CliRunner
+
+from cli.main import app
+from metanet.checkpoints import open_checkpoint
+from metanet.moe import apply
+from metanet.partition import OperatingPoint
+from metanet.partition.make import make_partition
+from metanet.tracking import resolve_tracking_uri
+from tests_support import assert_one_line_error
+
+runner = CliRunner()
+
+
+def applied(trained_lm, folder):
+    checkpoint = open_checkpoint(trained_lm)
+    apply(checkpoint, make_partition(checkpoint, "kmeans", OperatingPoint(16, 4)), folder)
+    return folder
+
+
+def bench_runs():
+    client = mlflow.tracking.MlflowClient(resolve_tracking_uri())
+    experiment = client.get_experiment_by_name("bench")
+    return client, ([] if experiment is None else client.search_runs([experiment.experiment_id]))
+
+
+def test_bench_times_every_layer_and_generation_against_the_dense_source_and_logs_the_run(trained_lm, tmp_path):
+    moe_dir = applied(trained_lm, tmp_path / "moe")
+    _, before = bench_runs()
+
+    result = runner.invoke(app, ["bench", str(moe_dir), "--tokens", "1,4", "--new-tokens", "4"])
+
+    assert result.exit_code == 0, result.output
+    assert "speed-up" in result.stdout and "reference" in result.stdout  # the CPU path
+    client, runs = bench_runs()
+    assert len(runs) == len(before) + 1
+    run = runs[0]
+    metrics = run.data.metrics
+    for t in (1, 4):
+        assert metrics[f"T{t}_dense_ms"] > 0 and metrics[f"T{t}_moe_ms"] > 0
+        assert metrics[f"T{t}_speedup"] == metrics[f"T{t}_dense_ms"] / metrics[f"T{t}_moe_ms"]
+    assert metrics["moe_tokens_per_s"] > 0 and metrics["dense_tokens_per_s"] > 0
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"bench.json", "speedup.png"}
+    report = json.loads(open(client.download_artifacts(run.info.run_id, "bench.json", str(tmp_path))).read())
+    assert report["layers"] == 2 and report["end_to_end"]["dense_source"] == str(trained_lm)
+    assert [row["paths"] for row in report["ffn"]] == [{"reference": 2 * 8}] * 2  # every call of both layers, CPU path
+
+
+def test_bench_without_the_dense_source_times_the_moe_alone(trained_lm, tmp_path):
+    moe_dir = applied(trained_lm, tmp_path / "moe")
+    config = json.loads((moe_dir / "config.json").read_text())
+    config["moe"]["source"] = str(tmp_path / "moved-away")
+    (moe_dir / "config.json").write_text(json.dumps(config))
+
+    result = runner.invoke(app, ["bench", str(moe_dir), "--tokens", "2", "--new-tokens", "2"])
+
+    assert result.exit_code == 0, result.output
+    assert "not measured (dense source not found; pass --dense)" in result.stdout
+    _, runs = bench_runs()
+    assert "dense_tokens_per_s" not in runs[0].data.metrics and runs[0].data.metrics["moe_tokens_per_s"] > 0
+
+
+def test_bench_refuses_bad_input_with_one_line_and_logs_nothing(trained_lm, tmp_path):
+    moe_dir = applied(trained_lm, tmp_path / "moe")
+    _, before = bench_runs()
+    cases = [
+        ([str(trained_lm)], "not an MoE checkpoint"),
+        ([str(moe_dir), "--tokens", "1,x"], "--tokens takes comma-separated integers"),
+        ([str(moe_dir), "--dtype", "int8"], "--dtype must be one of bf16, fp16, fp32"),
+        ([str(moe_dir), "--device", "tpu"], "device must be auto, cpu or cuda"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append(([str(moe_dir), "--device", "cuda"], "no CUDA device is visible here"))
+    for args, expected in cases:
+        assert_one_line_error(runner.invoke(app, ["bench", *args]), expected)
+    _, after = bench_runs()
+    assert len(after) == len(before)
