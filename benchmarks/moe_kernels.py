@@ -38,7 +38,8 @@ time and its host launch time, as in an eager model forward; the "graph" columns
 path never synchronises with the host) replay the same pass as one CUDA graph: GPU time only.
 All under torch.inference_mode().
 
-Run (writes gpu.json and gpu.md into --out; no network, no mlflow):
+Run (writes gpu.json and gpu.md into --out; no network, no mlflow; benchmarks/gpu_check.sh runs the kernel
+tests and this with every part in one go on a lent GPU machine):
     python -m benchmarks.moe_kernels --paths --e2e --tune --out benchmarks/results      (CUDA GPU; the JSON records the seconds it took)
     python -m benchmarks.moe_kernels --trace                                              (CPU, ~10 s: the routing trace) 
     TRITON_INTERPRET=1 python -m benchmarks.moe_kernels --smoke --out /tmp/smoke           (CPU: every part at tiny sizes)
