@@ -65,16 +65,19 @@ def test_every_path_equals_the_float32_reference(tiny_models, model_type, activa
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
-def test_every_path_with_all_experts_active_is_the_dense_ffn_and_padding_changes_nothing(tiny_models, model_type):
+def test_every_path_with_all_experts_is_the_dense_ffn_with_none_is_b_out_and_padding_changes_nothing(tiny_models, model_type):
     tiny = tiny_models[model_type]
     layer, _, moe = moe_layer(tiny, active=tiny.d_ff // 8, pad_to=64)  # k = E; m = 8 padded to 64
     assert moe.expert_width == 64
     for n_tokens in (2, 17):
         x = device_tokens(n_tokens, tiny.d_model, seed=n_tokens)
+        nothing = torch.zeros(n_tokens, moe.n_experts, dtype=torch.bool)
+        bias_only = torch.zeros_like(x) if layer.b_out is None else layer.b_out.expand_as(x)
         for path in paths_for(n_tokens):
             moe.kernel = path
             with torch.no_grad():
                 torch.testing.assert_close(moe(x), layer.forward(x), rtol=1e-5, atol=1e-5, msg=path)
+                torch.testing.assert_close(moe.forward_with_mask(x, nothing), bias_only, msg=path)  # no expert: b_out alone
 
 
 def test_decode_and_grouped_never_read_the_weights_of_unselected_experts(tiny_models):

@@ -88,7 +88,7 @@ def _up_kernel(
     expert = tl.program_id(0)
     tokens = tl.arange(0, TOKEN_ROWS)  # [16]
     is_token = tokens < n_tokens
-    use = tl.load(use_ptr + tokens * n_experts + expert, mask=is_token, other=0)  # [16] 1 where token t selected this expert
+    use = tl.load(use_ptr + tokens * n_experts + expert, mask=is_token, other=0).to(tl.int32)  # [16] 1 where token t selected this expert
     if tl.max(use, axis=0) > 0:
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] neurons of this expert
         expert_offset = expert.to(tl.int64) * width * d_model
@@ -126,7 +126,7 @@ def _down_kernel(
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD] output coordinates
     acc = tl.zeros((TOKEN_ROWS, BLOCK_D), dtype=tl.float32)
     for expert in range(n_experts):
-        use = tl.load(use_ptr + tokens * n_experts + expert, mask=is_token, other=0)
+        use = tl.load(use_ptr + tokens * n_experts + expert, mask=is_token, other=0).to(tl.int32)
         if tl.max(use, axis=0) > 0:
             expert_offset = tl.cast(expert, tl.int64) * d_model * width
             for start in range(0, width, BLOCK_M):

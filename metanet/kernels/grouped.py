@@ -26,7 +26,10 @@ if TYPE_CHECKING:
 
 def grouped_sum(ffn: MoEFFN, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Σ_e mask[t, e] · y_e(x_t) over expert-sorted tokens.   tokens: [T, d], mask: bool [T, E] → float32 [T, d]"""
+    y = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
     experts, rows = mask.T.nonzero(as_tuple=True)  # [N] each: pairs in expert order, tokens increasing within an expert
+    if rows.numel() == 0:
+        return y
     counts = mask.sum(0)  # [E] segment sizes
     x = tokens[rows]  # [N, d]
     z = grouped_matmul(x, ffn.w_in, counts)  # [N, m]
@@ -36,7 +39,6 @@ def grouped_sum(ffn: MoEFFN, tokens: torch.Tensor, mask: torch.Tensor) -> torch.
     if ffn.w_gate is not None:
         h = h * grouped_matmul(x, ffn.w_gate, counts)
     out = grouped_matmul(h, ffn.w_out, counts)  # [N, d]
-    y = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
     return y.index_add_(0, rows, out.float())
 
 
