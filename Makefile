@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# The whole job on the bundled all-MiniLM-L6-v2: tiny zoo → training → predict → apply → compare
+# The whole job on the bundled all-MiniLM-L6-v2: tiny zoo → training → predict → apply → bench → compare
 # (configs/pipeline.yaml); runs land in sqlite:///mlflow.db here (`mlflow ui --backend-store-uri sqlite:///mlflow.db`).
 demo: $(STAMP)
 	$(BIN)/metanet run --config configs/pipeline.yaml

@@ -49,7 +49,7 @@ def bench_command(
 
         result = measure_speed(moe_dir, counts, new_tokens, device, DTYPES.get(dtype), dense, corpus, progress=steps)
         for row in result["ffn"]:
-            log_metrics({"speedup": row["speedup"], "dense_ms": row["dense_ms"], "moe_ms": row["moe_ms"]}, prefix=f"T{row['tokens']}_")
+            log_metrics({"speedup": row["speedup"], "dense_ms": row["dense_ms"], "moe_ms": row["moe_ms"]}, prefix=f"T{row['tokens']}.")
         e2e = result["end_to_end"]
         log_metrics({"moe_tokens_per_s": e2e["moe"]["tokens_per_s"], **({"dense_tokens_per_s": e2e["dense"]["tokens_per_s"],
                      "e2e_speedup": e2e["speedup"]} if "dense" in e2e else {})})

@@ -3,7 +3,7 @@
 The steps are the very commands a user runs by hand, in order, each with its own progress bars
 and its own MLflow run, all nested under one parent run (metanet.tracking.PARENT_RUN_ENV):
 
-    zoo build  →  train  →  predict CHECKPOINT  →  apply  →  compare (baselines vs metanet)
+    zoo build  →  train  →  predict CHECKPOINT  →  apply  →  bench  →  compare (baselines vs metanet)
 
 Folders under --out: zoo/, train/, partition/, moe/, compare/. A step whose output already exists
 is reused (zoo build skips finished members; train is skipped when train/model exists), so a run
@@ -25,6 +25,7 @@ from cli.partition_commands import TRACKING_HELP
 from metanet.errors import MetanetError
 
 CONFIGS = Path(__file__).parents[1] / "configs"
+BENCH_TOKENS = "1,64"  # decode and a short prefill: enough to see where the MoE stands on this machine
 #: The summary's columns (metric → short header, so the table fits 80 columns).
 SUMMARY_COLUMNS = {"rel_error": "rel_error", "oracle_rel_error": "oracle", "embedding_cosine": "emb. cos", "ppl_ratio": "ppl ratio",
                    "convert_s": "convert s", "calib_tokens": "calib tok"}
@@ -54,7 +55,7 @@ def run(
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
     config: Optional[Path] = config_option(),
 ) -> None:
-    """Build a zoo, train the metanetwork, predict and apply a partition, compare it with baselines."""
+    """Build a zoo, train the metanetwork, predict and apply a partition, time it, compare it with baselines."""
     from metanet.tracking import PARENT_RUN_ENV, resolve_tracking_uri, tracked_run
 
     uri = resolve_tracking_uri(tracking_uri)
@@ -73,6 +74,7 @@ def run(
             model = str(out / "train" / "model")
             _step("predict", ["predict", checkpoint, "--model", model, *point, "--out", str(out / "partition"), *tracking])
             _step("apply", ["apply", checkpoint, str(out / "partition"), "--out", str(out / "moe"), *tracking])
+            _step("bench", ["bench", str(out / "moe"), "--tokens", BENCH_TOKENS, *tracking])
             _step("compare", ["compare", checkpoint, "--methods", f"{baselines},metanet", "--model", model, *point,
                               "--out", str(out / "compare"), *tracking])
         finally:

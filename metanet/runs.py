@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 #: `teacher.coact.rel_error`).
 KEY_METRICS = (
     "rel_error", "oracle_rel_error", "router_recall", "mass_recall", "load_cv", "ppl_ratio", "embedding_cosine",
-    "heldout_loss", "train_loss", "convert_s", "size_mb",
+    "heldout_loss", "train_loss", "convert_s", "size_mb", "speedup", "e2e_speedup",
 )
 
 
