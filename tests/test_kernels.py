@@ -6,6 +6,11 @@ conftest.py), so their arithmetic is tested on every run; the CUDA tests run whe
 
 import copy
 import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +22,7 @@ from metanet.kernels.grouped import grouped_matmul
 from metanet.moe import MoEFFN, convert, dense_ffn_layers, moe_forward
 from tests_support import make_point, random_partition, relative
 
+ROOT = Path(__file__).resolve().parents[1]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
@@ -112,6 +118,21 @@ def test_decode_routes_inside_its_kernel_as_the_router_does(tiny_models, model_t
         expected = moe_forward(layer, lp.assign, moe.route(x), x)  # b_out included
         with torch.no_grad():
             torch.testing.assert_close(moe_output(moe, x, None, "decode"), expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_decode_kernels_compile_for_hopper_with_16_byte_weight_loads_and_no_spills():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels, not the interpreter's
+    run = subprocess.run([sys.executable, "-m", "benchmarks.decode_sass", "--check"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    facts = json.loads(run.stdout)
+
+    assert [f["kernel"] for f in facts] == ["_route_kernel", "_up_kernel", "_down_kernel"] * 2
+    for kernel in facts:
+        assert kernel["local"] == 0, kernel  # no local-memory arrays
+        if kernel["kernel"] != "_route_kernel":
+            assert kernel["stack"] == 0, kernel  # no register spills
+            assert kernel["instructions"].get("LDGSTS.E.BYPASS.128", 0) > 0, kernel  # weights arrive 16 bytes per instruction, asynchronously
 
 
 @pytest.mark.parametrize("n_rows,width", [(24, 32), (24, 6)])  # aligned rows (torch._grouped_mm) and not (per-expert matmuls)

@@ -21,6 +21,7 @@ is imported), which the CPU tests use.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -142,6 +143,15 @@ def _down_kernel(
              mask=is_token[:, None] & (cols[None, :] < d_model))
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: kernel[grid](**arguments), launch options included (num_warps)."""
+
+    kernel: triton.JITFunction
+    grid: tuple[int, ...]
+    arguments: dict
+
+
 def decode_output(
     ffn: MoEFFN, tokens: torch.Tensor, mask: torch.Tensor | None = None,
     up_block: tuple[int, int] = (32, 128), down_block: tuple[int, int] = (32, 128), num_warps: int = 4,
@@ -157,28 +167,42 @@ def decode_output(
     if n_tokens > MAX_TOKENS:
         raise MetanetError(f"the decode kernel takes at most {MAX_TOKENS} tokens, got {n_tokens}")
     x = tokens.detach().contiguous()
-    w_in, w_gate, b_in, w_out, b_out = (None if t is None else t.detach() for t in (ffn.w_in, ffn.w_gate, ffn.b_in, ffn.w_out, ffn.b_out))
     if mask is None:
-        use = torch.empty((n_tokens, n_experts), dtype=torch.uint8, device=x.device)  # [T, E] 1 = selected
-        point = ffn.point
-        _route_kernel[(n_tokens,)](
-            x, ffn.router_weight.detach(), ffn.router_bias.detach(), use, n_experts, d, point.shared, point.routed_active,
-            EXPERT_LANES=max(16, triton.next_power_of_2(n_experts)), BLOCK_D=128, num_warps=num_warps,
-        )
+        use = torch.empty((n_tokens, n_experts), dtype=torch.uint8, device=x.device)  # [T, E] 1 = selected, written by the route kernel
     else:
         use = mask.contiguous().view(torch.uint8)  # [T, E] the bool mask's bytes, no copy
     h = torch.empty((n_tokens, n_experts, width), dtype=torch.float32, device=x.device)  # read only where use = 1
     y = torch.empty((n_tokens, d), dtype=tokens.dtype, device=x.device)
-    block_m, block_d = up_block
-    _up_kernel[(n_experts, triton.cdiv(width, block_m))](
-        x, use, w_in, w_in if w_gate is None else w_gate, w_in if b_in is None else b_in, h,
-        n_tokens, n_experts, width, d,
-        ACTIVATION=ffn.activation, GATED=w_gate is not None, HAS_BIAS=b_in is not None,
-        TOKEN_ROWS=_TOKEN_ROWS, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
-    )
-    block_d, block_m = down_block
-    _down_kernel[(triton.cdiv(d, block_d),)](
-        h, use, w_out, w_out if b_out is None else b_out, y, n_tokens, n_experts, width, d,
-        HAS_BIAS=b_out is not None, TOKEN_ROWS=_TOKEN_ROWS, BLOCK_D=block_d, BLOCK_M=block_m, num_warps=num_warps,
-    )
+    for launch in launches(ffn, x, use, h, y, mask is None, up_block, down_block, num_warps):
+        launch.kernel[launch.grid](**launch.arguments)
     return y
+
+
+def launches(
+    ffn: MoEFFN, x: torch.Tensor, use: torch.Tensor, h: torch.Tensor, y: torch.Tensor, route: bool,
+    up_block: tuple[int, int], down_block: tuple[int, int], num_warps: int,
+) -> list[Launch]:
+    """The launches of one decode call (route only when `route`), for decode_output and for compiling
+    them ahead of time (benchmarks/decode_sass.py).   x: [T, d], use: uint8 [T, E], h: float32 [T, E, m], y: [T, d]"""
+    n_tokens, d = x.shape
+    n_experts, width, _ = ffn.w_in.shape
+    w_in, w_gate, b_in, w_out, b_out = (None if t is None else t.detach() for t in (ffn.w_in, ffn.w_gate, ffn.b_in, ffn.w_out, ffn.b_out))
+    shape = {"n_tokens": n_tokens, "n_experts": n_experts, "width": width, "d_model": d}
+    block_m, block_d = up_block
+    calls = [] if not route else [Launch(_route_kernel, (n_tokens,), {
+        "x_ptr": x, "router_weight_ptr": ffn.router_weight.detach(), "router_bias_ptr": ffn.router_bias.detach(), "use_ptr": use,
+        "n_experts": n_experts, "d_model": d, "shared": ffn.point.shared, "routed_active": ffn.point.routed_active,
+        "EXPERT_LANES": max(16, triton.next_power_of_2(n_experts)), "BLOCK_D": 128, "num_warps": num_warps,
+    })]
+    calls.append(Launch(_up_kernel, (n_experts, triton.cdiv(width, block_m)), {
+        "x_ptr": x, "use_ptr": use, "w_in_ptr": w_in, "w_gate_ptr": w_in if w_gate is None else w_gate,
+        "b_in_ptr": w_in if b_in is None else b_in, "h_ptr": h, **shape,
+        "ACTIVATION": ffn.activation, "GATED": w_gate is not None, "HAS_BIAS": b_in is not None,
+        "TOKEN_ROWS": _TOKEN_ROWS, "BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": num_warps,
+    }))
+    block_d, block_m = down_block
+    calls.append(Launch(_down_kernel, (triton.cdiv(d, block_d),), {
+        "h_ptr": h, "use_ptr": use, "w_out_ptr": w_out, "b_out_ptr": w_out if b_out is None else b_out, "y_ptr": y, **shape,
+        "HAS_BIAS": b_out is not None, "TOKEN_ROWS": _TOKEN_ROWS, "BLOCK_D": block_d, "BLOCK_M": block_m, "num_warps": num_warps,
+    }))
+    return calls

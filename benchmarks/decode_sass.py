@@ -1,0 +1,175 @@
+"""The decode kernels compiled ahead of time for Hopper (sm_90), on any machine: registers, spills,
+shared memory, and the global-memory and matrix instructions of their machine code.
+
+No GPU is needed: Triton compiles for a named target and the cuobjdump its package carries reads
+the cubin. Every launch `metanet.kernels.decode.launches` makes is compiled with the arguments
+specialised as Triton's JIT specialises them on a GPU (16-byte aligned pointers and integers that
+are multiples of 16 marked so, an integer equal to 1 made a constant), from meta tensors of the
+real shapes, so the machine code is what a launch there runs. What it answers before any GPU time
+is spent: do the weight loads move 16 bytes per instruction (LDGSTS.E.BYPASS.128: asynchronous
+copies into shared memory, software-pipelined), does any configuration spill registers (STACK > 0),
+which matrix instructions run (HMMA.1688.F32.TF32: the float32 products on tensor cores).
+
+Run: python -m benchmarks.decode_sass [--out benchmarks/results]     → decode-sass.md (~1 min, CPU)
+     python -m benchmarks.decode_sass --check                          (JSON facts of two small layers: the test's)
+Triton's interpreter must be off (TRITON_INTERPRET unset): it replaces the kernels with Python functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import re
+import subprocess
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+import triton
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend, GPUTarget
+from triton.compiler import ASTSource
+
+from metanet.kernels.decode import Launch, launches
+from metanet.moe.module import MoEFFN
+from metanet.partition.partition import OperatingPoint
+
+log = logging.getLogger("benchmarks.decode_sass")
+
+RESULTS = Path(__file__).parent / "results"
+HOPPER = GPUTarget("cuda", 90, 32)
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+#: Machine instructions counted: global loads and stores, asynchronous copies, matrix products.
+INSTRUCTIONS = re.compile(r"\b(LDGSTS\.[.\w]*|LDG\.[.\w]*|STG\.[.\w]*|RED\.[.\w]*|ATOM\.[.\w]*|HMMA\.[.\w]*|HGMMA\.[.\w]*)")
+#: (d, f, E) of the GPU benchmark's shapes, with k = E/4 and the expert width padded to 64.
+SHAPES = ((4096, 14336, 16), (4096, 14336, 32), (4096, 11008, 16))
+UP_BLOCKS = ((16, 128), (32, 128), (64, 64), (32, 256))
+DOWN_BLOCKS = ((16, 256), (32, 128), (64, 128))
+
+
+def meta_moe(d: int, f: int, experts: int, dtype: torch.dtype = torch.bfloat16, activation: str = "silu",
+             gated: bool = True, biased: bool = False) -> MoEFFN:
+    """An MoEFFN of the real shapes whose tensors hold no memory (device "meta"); expert width f/E padded to 64."""
+    width = -(-(f // experts) // 64) * 64
+    empty = lambda *shape, dtype=dtype: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
+    return MoEFFN(
+        w_in=empty(experts, width, d), w_gate=empty(experts, width, d) if gated else None, w_out=empty(experts, d, width),
+        b_in=empty(experts, width) if biased else None, b_out=empty(d) if biased else None,
+        router_weight=empty(experts, d, dtype=torch.float32), router_bias=empty(experts, dtype=torch.float32),
+        order=empty(experts * width, dtype=torch.int64), point=OperatingPoint(experts, experts // 4, 0), activation=activation,
+    )
+
+
+def decode_launches(moe: MoEFFN, n_tokens: int, up_block: tuple[int, int] = (32, 128), down_block: tuple[int, int] = (32, 128),
+                    num_warps: int = 4) -> list[Launch]:
+    """The launches of one routed decode call of `moe` on n_tokens tokens (meta tensors)."""
+    n_experts, width, d = moe.w_in.shape
+    meta = lambda *shape, dtype: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
+    return launches(moe, meta(n_tokens, d, dtype=moe.w_in.dtype), meta(n_tokens, n_experts, dtype=torch.uint8),
+                    meta(n_tokens, n_experts, width, dtype=torch.float32), meta(n_tokens, d, dtype=moe.w_in.dtype),
+                    True, up_block, down_block, num_warps)
+
+
+def compile_launch(launch: Launch, target: GPUTarget = HOPPER):
+    """launch's kernel compiled for `target`, its arguments specialised as the JIT would on a GPU."""
+    kernel = launch.kernel
+    signature, constexprs, attrs, options = {}, {}, {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        value = launch.arguments[name]
+        if kernel.params[index].is_constexpr:
+            signature[name], constexprs[name] = "constexpr", value
+            continue
+        kind, specialisation = native_specialize_impl(BaseBackend, value, False, True, True)
+        signature[name] = kind
+        if kind == "constexpr":
+            constexprs[name] = specialisation
+        elif specialisation == "D":
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    options = {key: launch.arguments[key] for key in ("num_warps", "num_stages") if key in launch.arguments}
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options)
+
+
+def machine_code_facts(compiled) -> dict:
+    """Registers, stack (spills), shared memory (dynamic, bytes) and an instruction census of a compiled kernel's cubin."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", cubin], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([CUOBJDUMP, "--dump-sass", cubin], capture_output=True, text=True, check=True).stdout
+    resources = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    return {"registers": int(resources["REG"]), "stack": int(resources["STACK"]), "shared": compiled.metadata.shared,
+            "local": int(resources["LOCAL"]), "instructions": dict(Counter(INSTRUCTIONS.findall(sass)))}
+
+
+def survey() -> list[dict]:
+    """Facts of every decode kernel for the benchmark shapes at T = 1 and 4, default and candidate block sizes."""
+    rows = []
+    for d, f, experts in SHAPES:
+        moe = meta_moe(d, f, experts)
+        for n_tokens in (1, 4):
+            configurations = [(up, (32, 128), 4) for up in UP_BLOCKS] + [((32, 128), down, 4) for down in DOWN_BLOCKS[::2]] + [((32, 128), (32, 128), 8)]
+            seen = set()
+            for up, down, warps in configurations:
+                for launch in decode_launches(moe, n_tokens, up, down, warps):
+                    name = launch.kernel.fn.__name__.strip("_").removesuffix("_kernel")
+                    block = {"route": "", "up": f"{up[0]}×{up[1]}", "down": f"{down[0]}×{down[1]}"}[name]
+                    key = (name, block, warps)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    facts = machine_code_facts(compile_launch(launch))
+                    rows.append({"d": d, "f": f, "experts": experts, "tokens": n_tokens, "kernel": name, "block": block, "num_warps": warps,
+                                 "grid": list(launch.grid), **facts})
+                    log.info("%s", rows[-1])
+    return rows
+
+
+def check() -> list[dict]:
+    """Facts of the launches of two small layers (bf16 gated SiLU at T=1; float32 GELU with biases at T=4): the test's sample."""
+    rows = []
+    for moe, n_tokens in ((meta_moe(4096, 14336, 16), 1), (meta_moe(384, 1536, 16, torch.float32, "gelu", gated=False, biased=True), 4)):
+        for launch in decode_launches(moe, n_tokens):
+            rows.append({"kernel": launch.kernel.fn.__name__, "dtype": str(moe.w_in.dtype), **machine_code_facts(compile_launch(launch))})
+    return rows
+
+
+def report(rows: list[dict]) -> str:
+    lines = [
+        "# Decode kernels: Hopper machine code, compiled ahead of time",
+        "",
+        f"Compiled {datetime.date.today()} for sm_90 by `benchmarks/decode_sass.py` with Triton {triton.__version__} on a machine "
+        "without a GPU (arguments specialised as Triton's JIT does on a GPU). Registers, stack bytes (> 0: spills), shared memory "
+        "bytes, and the global loads, stores and matrix instructions of the machine code with how many times each appears "
+        "(static counts, not executions). Block = BLOCK_M×BLOCK_D (up) or BLOCK_D×BLOCK_M (down). bf16 weights, gated SiLU, "
+        "expert width f/E padded to 64; T tokens (T = 1 makes n_tokens a compile-time constant, as the JIT does).",
+        "",
+        "| d × f, E | T | kernel | block | warps | grid | registers | stack | shared | instructions |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        census = ", ".join(f"{name} ×{count}" for name, count in sorted(r["instructions"].items()))
+        lines.append(f"| {r['d']}×{r['f']}, E={r['experts']} | {r['tokens']} | {r['kernel']} | {r['block']} | {r['num_warps']} | "
+                     f"{r['grid']} | {r['registers']} | {r['stack']} | {r['shared']} | {census} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--check", action="store_true", help="Print the facts of two small layers' launches as JSON (tests/test_kernels.py).")
+    args = parser.parse_args()
+    if args.check:
+        print(json.dumps(check()))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    rows = survey()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "decode-sass.md").write_text(report(rows))
+    log.info("wrote %s", args.out / "decode-sass.md")
+
+
+if __name__ == "__main__":
+    main()
