@@ -10,7 +10,7 @@ from cli.app import app, console
 from cli.checkpoint_commands import CHECKPOINT_HELP
 from cli.config import config_option
 from cli.partition_commands import (
-    CORPUS_HELP, TRACKING_HELP, _point, _summary_table, active_option, experts_option, partition_out_option, run_partition, shared_option,
+    CORPUS_HELP, TRACKING_HELP, _point, _summary_table, active_option, calibration_option, experts_option, partition_out_option, run_partition, shared_option,
     width_multiple_option,
 )
 from training.metanet_train import TrainConfig
@@ -88,6 +88,7 @@ def predict(
     active: int = active_option(),
     shared: int = shared_option(),
     corpus: Optional[str] = typer.Option(None, "--corpus", help="Text for the data-aware mode: " + CORPUS_HELP.split(" (")[0] + " (default: none, data-free)."),
+    calibration: str = calibration_option(),
     calib_tokens: int = typer.Option(4096, "--calib-tokens", help="Calibration tokens in data-aware mode."),
     router: Optional[str] = typer.Option(None, "--router", help="metanet (default) or any router of `metanet partition`, e.g. lsq with --corpus."),
     width_multiple: int = width_multiple_option(),
@@ -96,6 +97,7 @@ def predict(
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
     config: Optional[Path] = config_option(),
 ) -> None:
-    """Predict a Partition for a checkpoint with the metanetwork: data-free, or data-aware with --corpus."""
-    run_partition(checkpoint, "metanet-data" if corpus else "metanet", _point(experts, active, shared, width_multiple), router,
-                  corpus, calib_tokens, seed, out, tracking_uri, experiment="predict", model=model)
+    """Predict a Partition for a checkpoint with the metanetwork: data-free, or data-aware with --corpus or --calibration generated."""
+    data_aware = corpus is not None or calibration == "generated"
+    run_partition(checkpoint, "metanet-data" if data_aware else "metanet", _point(experts, active, shared, width_multiple), router,
+                  corpus, calib_tokens, seed, out, tracking_uri, experiment="predict", model=model, calibration=calibration)

@@ -38,20 +38,32 @@ def partition_out_option():
     return typer.Option(..., "--out", "-o", help="Partition folder to write (replaced atomically).")
 
 
+def calibration_option():
+    return typer.Option("text", "--calibration", help="Where calibration comes from: text (--corpus) | generated (windows the model writes itself: no text needed).")
+
+
 def _point(experts: int, active: int, shared: int, width_multiple: int):
     from metanet.partition import OperatingPoint
 
     return OperatingPoint(experts, active, shared, width_multiple)
 
 
-def _text_split(ckpt, model, tokenizer, split: str, n_tokens: int, docs: list, seed: int = 0):
-    """A TextSplit with a progress bar over the model's forward batches."""
+def _heldout_split(ckpt, model, tokenizer, n_tokens: int, docs: list):
+    """The held-out TextSplit with a progress bar over the model's forward batches."""
     from metanet.calib import text_split
 
     with progress_bar() as progress:
-        task = progress.add_task(f"{split} text through the model", total=None)
-        return text_split(model, tokenizer, ckpt.family.name, split, n_tokens, docs, seed=seed,
-                          progress=lambda n=1: progress.advance(task, n))
+        task = progress.add_task("heldout text through the model", total=None)
+        return text_split(model, tokenizer, ckpt.family.name, "heldout", n_tokens, docs, progress=lambda n=1: progress.advance(task, n))
+
+
+def _calibration_split(ckpt, model, tokenizer, n_tokens: int, docs: list | None, source: str, seed: int):
+    """The calibration TextSplit (text or generated) with a progress bar over the model's batches."""
+    from metanet.calib import calibration_split
+
+    with progress_bar() as progress:
+        task = progress.add_task("calibration text through the model" if source == "text" else "the model writing calibration windows", total=None)
+        return calibration_split(model, tokenizer, ckpt.family.name, n_tokens, docs, source, seed, progress=lambda n=1: progress.advance(task, n))
 
 
 def _layer_calibration(ckpt, split):
@@ -80,6 +92,7 @@ def partition(
     shared: int = shared_option(),
     router: Optional[str] = typer.Option(None, "--router", help="centroid | scaled | cmoe | lsq | mlp | metanet (default: the method's own)."),
     corpus: Optional[str] = typer.Option(None, "--corpus", help=CORPUS_HELP),
+    calibration: str = calibration_option(),
     calib_tokens: int = typer.Option(4096, "--calib-tokens", help="Calibration tokens for data-driven methods and routers."),
     width_multiple: int = width_multiple_option(),
     seed: int = typer.Option(0, "--seed"),
@@ -89,18 +102,22 @@ def partition(
 ) -> None:
     """Carve every FFN layer into experts with one method and fit a router; write a Partition folder."""
     run_partition(checkpoint, method, _point(experts, active, shared, width_multiple), router, corpus, calib_tokens, seed, out,
-                  tracking_uri, experiment="partition")
+                  tracking_uri, experiment="partition", calibration=calibration)
 
 
 def run_partition(checkpoint: str, method: str, point, router: Optional[str], corpus: Optional[str], calib_tokens: int, seed: int,
-                  out: Path, tracking_uri: Optional[str], experiment: str, model: Optional[str] = None) -> None:
-    """What `metanet partition` and `metanet predict` share: calibrate when needed, partition every layer
-    with a progress bar, write the folder, log one MLflow run in `experiment`, print a summary."""
-    from metanet.calib import load_corpus, load_model_and_tokenizer
+                  out: Path, tracking_uri: Optional[str], experiment: str, model: Optional[str] = None, calibration: str = "text") -> None:
+    """What `metanet partition` and `metanet predict` share: calibrate when needed (on text or on windows the
+    model writes), partition every layer with a progress bar, write the folder, log one MLflow run in
+    `experiment`, print a summary."""
+    from metanet.calib import CALIBRATION_SOURCES, load_corpus, load_model_and_tokenizer
+    from metanet.errors import MetanetError
     from metanet.checkpoints import open_checkpoint
     from metanet.partition.make import METANET_METHODS, METANET_ROUTER, make_partition, needs_calibration, resolve_router
     from metanet.tracking import log_artifacts, log_metrics, tracked_run
 
+    if calibration not in CALIBRATION_SOURCES:
+        raise MetanetError(f"--calibration must be one of {', '.join(CALIBRATION_SOURCES)}, got {calibration!r}")
     ckpt = open_checkpoint(checkpoint)
     point.expert_width(ckpt.d_ff)
     router = resolve_router(method, router)
@@ -109,20 +126,21 @@ def run_partition(checkpoint: str, method: str, point, router: Optional[str], co
         from metanet.model.store import load_model
 
         net = load_model(model, tracking_uri)
-    calibration, split = None, None
+    layers, split = None, None  # per-layer calibration, and the split it came from
     if needs_calibration(method, [router]):
-        docs = load_corpus(corpus)
+        docs = load_corpus(corpus) if calibration == "text" else None
         lm, tokenizer = load_model_and_tokenizer(ckpt)
-        split = _text_split(ckpt, lm, tokenizer, "calibration", calib_tokens, docs, seed)
-        calibration = _layer_calibration(ckpt, split)
+        split = _calibration_split(ckpt, lm, tokenizer, calib_tokens, docs, calibration, seed)
+        layers = _layer_calibration(ckpt, split)
     params = {"checkpoint": checkpoint, "method": method, "router": router, "experts": point.experts, "active": point.active,
-              "shared": point.shared, "seed": seed, **({"model": model or "shipped"} if net is not None else {})}
+              "shared": point.shared, "seed": seed, **({"model": model or "shipped"} if net is not None else {}),
+              **({"calibration": calibration} if layers is not None else {})}
     with tracked_run(experiment, f"{method}-{router}", params, tracking_uri) as run:
         with progress_bar() as progress:
             task = progress.add_task(f"{method} partition", total=ckpt.n_layers)
             result = make_partition(
-                ckpt, method, point, router, calibration=calibration, seed=seed, metanetwork=net,
-                calib_tokens=split.n_tokens if split else 0, calib_seconds=split.seconds if split else 0.0,
+                ckpt, method, point, router, calibration=layers, seed=seed, metanetwork=net,
+                calib_tokens=split.n_tokens if split else 0, calib_seconds=split.seconds if split else 0.0, calib_source=calibration,
                 progress=lambda: progress.advance(task),
             )
         result.save(out)
@@ -156,7 +174,7 @@ def eval_command(
     part.check_layer_count(ckpt.n_layers)  # before the model and text are loaded
     docs = load_corpus(corpus)
     model, tokenizer = load_model_and_tokenizer(ckpt)
-    heldout = _text_split(ckpt, model, tokenizer, "heldout", heldout_tokens, docs)
+    heldout = _heldout_split(ckpt, model, tokenizer, heldout_tokens, docs)
     params = {"checkpoint": checkpoint, "partition": str(partition_dir), "method": part.method, "router": part.router}
     with tracked_run("eval", f"{part.method}-{part.router}", params, tracking_uri) as run:
         with progress_bar() as progress:
@@ -203,6 +221,7 @@ def compare(
     shared: int = typer.Option(0, "--shared", "-s"),
     seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds; the table gives mean ± std over them."),
     corpus: Optional[str] = typer.Option(None, "--corpus", help=CORPUS_HELP),
+    calibration: str = calibration_option(),
     calib_tokens: int = typer.Option(4096, "--calib-tokens"),
     heldout_tokens: int = typer.Option(4096, "--heldout-tokens"),
     width_multiple: int = typer.Option(8, "--width-multiple"),
@@ -229,11 +248,11 @@ def compare(
     uses_metanet = any(m in METANET_METHODS for m in methods.split(",")) or METANET_ROUTER in (router_list or [])
     settings = CompareSettings(
         methods=methods.split(","), point=_point(experts, active, shared, width_multiple), routers=router_list,
-        seeds=seed_list, corpus=corpus, calib_tokens=calib_tokens, heldout_tokens=heldout_tokens,
+        seeds=seed_list, corpus=corpus, calibration=calibration, calib_tokens=calib_tokens, heldout_tokens=heldout_tokens,
         metanetwork=load_model(model, tracking_uri) if uses_metanet else None,
     )
     params = {"checkpoint": checkpoint, "methods": methods, "routers": routers, "experts": experts, "active": active, "shared": shared,
-              "seeds": seeds, **({"model": model or "shipped"} if uses_metanet else {})}
+              "seeds": seeds, "calibration": calibration, **({"model": model or "shipped"} if uses_metanet else {})}
     with tracked_run("compare", f"E{experts}-k{active}-s{shared}", params, tracking_uri):
         with err_console.status("comparing methods"):
             rows = run_compare(ckpt, settings, progress=err_console.log)
@@ -259,7 +278,9 @@ def _write_comparison(out: Path, checkpoint: str, settings, rows: list[dict], ta
 
     out.mkdir(parents=True, exist_ok=True)
     point = settings.point
-    header = f"# {checkpoint}: E={point.experts}, k={point.active}, shared={point.shared}, seeds {settings.seeds}\n\n"
+    header = (f"# {checkpoint}: E={point.experts}, k={point.active}, shared={point.shared}, seeds {settings.seeds}\n\n"
+              f"Calibration: {'windows the model wrote itself (no text)' if settings.calibration == 'generated' else 'corpus text'}; "
+              "metrics on held-out corpus text.\n\n")
     (out / "compare.md").write_text(header + markdown)
     (out / "compare.json").write_text(json.dumps({"rows": rows, "table": table}, indent=2))
     first_seed = [r for r in rows if r["seed"] == settings.seeds[0]]

@@ -9,7 +9,8 @@ import torch
 import metanet.calib.stats as stats_module
 from conftest import MODEL_TYPES
 from metanet.calib import (
-    capture_ffn_inputs, load_corpus, load_model_and_tokenizer, neuron_stats, split_documents, tokenize_documents,
+    calibration_split, capture_ffn_inputs, generated_windows, load_corpus, load_model_and_tokenizer, neuron_stats, split_documents,
+    tokenize_documents,
 )
 from metanet.checkpoints import open_checkpoint
 from metanet.errors import MetanetError
@@ -207,6 +208,33 @@ def test_gpt2_variant_of_the_trained_lm_loads_and_captures_conv1d_ffns(tmp_path)
             handle.remove()
     for i, layer in enumerate(checkpoint.layers()):
         torch.testing.assert_close(layer.forward(captured.layers[i]), torch.cat(ffn_out[i]), rtol=1e-5, atol=1e-5)
+
+
+def test_a_causal_lm_writes_seeded_calibration_windows_it_finds_likely(tiny_lm):
+    _, model, _ = tiny_lm
+    state = torch.random.get_rng_state()
+
+    windows = generated_windows(model, "llama", 1000, seq_len=64, seed=3)
+
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is left alone
+    assert windows.shape == (16, 64)  # ⌈1000 / 64⌉ windows
+    assert torch.equal(windows, generated_windows(model, "llama", 1000, seq_len=64, seed=3))
+    assert not torch.equal(windows, generated_windows(model, "llama", 1000, seq_len=64, seed=4))
+    noise = torch.randint(model.config.vocab_size, windows.shape, generator=torch.Generator().manual_seed(0))
+    loss, noise_loss = heldout_loss(model, windows), heldout_loss(model, noise)
+    log.info("tiny LM: %.2f nats on its own windows, %.2f on uniform token ids", loss, noise_loss)
+    assert loss < noise_loss - 1.0  # the model's own text, not noise
+
+
+def test_an_encoder_gets_uniform_token_windows_and_the_split_captures_them(minilm):
+    checkpoint, model, tokenizer, _ = minilm
+    split = calibration_split(model, tokenizer, "bert", 300, None, "generated", seed=1)
+
+    assert split.name == "generated" and split.input_ids.shape == (3, 128)
+    assert split.input_ids.max() < model.config.vocab_size and split.input_ids.unique().numel() > 300
+    assert split.ffn_inputs.n_tokens == 384 and split.ffn_inputs.layers[0].shape == (384, checkpoint.d_model)
+    with pytest.raises(MetanetError, match="calibration source must be one of text, generated"):
+        calibration_split(model, tokenizer, "bert", 300, None, "random", seed=1)
 
 
 def test_checkpoint_without_tokenizer_is_refused(tiny_models):

@@ -83,6 +83,19 @@ def test_partition_then_eval_commands(trained_lm, tmp_path):
     assert report["ppl_ratio"] > 1 and len(report["layers"]) == 2 and report["heldout_tokens"] == 1024
 
 
+def test_partition_calibrated_on_windows_the_model_writes_needs_no_text(trained_lm, tmp_path):
+    out = tmp_path / "part"
+    result = runner.invoke(app, ["partition", str(trained_lm), "--method", "coact", "--router", "lsq", "--calibration", "generated",
+                                 "--corpus", str(tmp_path / "no-such-text"), "--calib-tokens", "1024", "--out", str(out)])
+    assert result.exit_code == 0, result.output  # the corpus is never read
+    info = json.loads((out / "partition.json").read_text())["info"]
+    assert (info["calib_source"], info["calib_tokens"]) == ("generated", 1024)
+
+    result = runner.invoke(app, ["partition", str(trained_lm), "--method", "coact", "--calibration", "web", "--out", str(tmp_path / "p2")])
+    assert result.exit_code == 2 and "--calibration must be one of text, generated" in result.stderr
+    assert not (tmp_path / "p2").exists()
+
+
 def test_compare_writes_tables_plots_and_an_mlflow_run(trained_lm, tmp_path):
     import mlflow
 

@@ -2,7 +2,9 @@
 
 The corpus is split by whole documents (seeded, disjoint); the calibration split feeds
 partitioners and routers, the held-out split feeds every metric, so no metric is
-measured on text a partition saw.
+measured on text a partition saw. Calibration can also come from windows the model
+writes itself (`calibration_split(..., source="generated")`, metanet.calib.generated):
+no text at all; held-out metrics always use real text.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ import torch
 
 from metanet.calib.capture import FFNInputs, capture_ffn_inputs
 from metanet.calib.corpus import split_documents, tokenize_documents
+from metanet.calib.generated import generated_windows
+from metanet.errors import MetanetError
 
 SPLITS = ("calibration", "heldout")
+CALIBRATION_SOURCES = ("text", "generated")
 
 
 @dataclass
 class TextSplit:
-    name: str  # "calibration" | "heldout"
+    name: str  # "calibration" | "heldout" | "generated"
     input_ids: torch.LongTensor  # [N, seq_len]
     ffn_inputs: FFNInputs  # every block's FFN input on these tokens (dense model)
     seconds: float  # time to tokenise and capture
@@ -56,3 +61,25 @@ def text_split(
     input_ids = tokenize_documents(tokenizer, docs, n_tokens, seq_len=seq_len, seed=seed)
     inputs = capture_ffn_inputs(model, family, input_ids, progress=progress)
     return TextSplit(split, input_ids, inputs, time.perf_counter() - start)
+
+
+def calibration_split(
+    model,
+    tokenizer,
+    family: str,
+    n_tokens: int,
+    corpus: list[str] | None,
+    source: str = "text",
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> TextSplit:
+    """The calibration windows and their FFN inputs: `n_tokens` of the corpus's calibration half
+    (source "text"), or windows the model writes itself (source "generated"; `corpus` unused)."""
+    if source not in CALIBRATION_SOURCES:
+        raise MetanetError(f"calibration source must be one of {', '.join(CALIBRATION_SOURCES)}, got {source!r}")
+    if source == "text":
+        return text_split(model, tokenizer, family, "calibration", n_tokens, corpus, seed=seed, progress=progress)
+    start = time.perf_counter()
+    input_ids = generated_windows(model, family, n_tokens, seed=seed, progress=progress)
+    inputs = capture_ffn_inputs(model, family, input_ids, progress=progress)
+    return TextSplit("generated", input_ids, inputs, time.perf_counter() - start)

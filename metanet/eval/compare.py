@@ -12,7 +12,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Callable
 
-from metanet.calib import load_corpus, load_model_and_tokenizer, text_split
+from metanet.calib import calibration_split, load_corpus, load_model_and_tokenizer, text_split
 from metanet.checkpoints import Checkpoint
 from metanet.eval.evaluate import evaluate
 from metanet.eval.metrics import METRICS
@@ -35,6 +35,7 @@ class CompareSettings:
     routers: list[str] | None = None  # None: each method's own router; else every listed router for every method
     seeds: list[int] = field(default_factory=lambda: [0])
     corpus: str | None = None
+    calibration: str = "text"  # calibration windows: the corpus's ("text") or the model's own ("generated"); held-out is always text
     calib_tokens: int = 4096
     heldout_tokens: int = 4096
     model_quality: bool = True
@@ -57,7 +58,7 @@ def compare(checkpoint: Checkpoint, settings: CompareSettings, progress: Callabl
     for seed in settings.seeds:
         calibration, calib_split = None, None
         if any(needs_calibration(m, routers_of[m]) for m in settings.methods):
-            calib_split = text_split(model, tokenizer, family, "calibration", settings.calib_tokens, corpus, seed=seed)
+            calib_split = calibration_split(model, tokenizer, family, settings.calib_tokens, corpus, settings.calibration, seed)
             calibration = layer_calibrations(checkpoint.layers(), calib_split.ffn_inputs.layers)
         for method in settings.methods:
             partitions = make_partitions(
@@ -67,6 +68,7 @@ def compare(checkpoint: Checkpoint, settings: CompareSettings, progress: Callabl
                 calib_tokens=calib_split.n_tokens if calib_split else 0,
                 calib_seconds=calib_split.seconds if calib_split else 0.0,
                 metanetwork=settings.metanetwork,
+                calib_source=settings.calibration,
             )
             for router, partition in partitions.items():
                 report = evaluate(checkpoint, partition, heldout, model if settings.model_quality else None, reference)

@@ -17,13 +17,14 @@ from metanet.partition.make import make_partition
 from metanet.partition.methods import layer_calibrations
 
 
-def calibrate(checkpoint: Checkpoint, corpus: str | None, n_tokens: int = 4096, seed: int = 0):
-    """Calibration FFN inputs and neuron statistics of every layer (corpus None: the default one).
-    → ({index: LayerCalibration}, TextSplit)"""
-    from metanet.calib import load_corpus, load_model_and_tokenizer, text_split
+def calibrate(checkpoint: Checkpoint, corpus: str | None, n_tokens: int = 4096, seed: int = 0, source: str = "text"):
+    """Calibration FFN inputs and neuron statistics of every layer, on the corpus's calibration text (corpus None:
+    the default one) or, source "generated", on windows the model writes itself.   → ({index: LayerCalibration}, TextSplit)"""
+    from metanet.calib import calibration_split, load_corpus, load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(checkpoint)
-    split = text_split(model, tokenizer, checkpoint.family.name, "calibration", n_tokens, load_corpus(corpus), seed=seed)
+    docs = load_corpus(corpus) if source == "text" else None
+    split = calibration_split(model, tokenizer, checkpoint.family.name, n_tokens, docs, source, seed)
     return layer_calibrations(checkpoint.layers(), split.ffn_inputs.layers), split
 
 
@@ -36,14 +37,17 @@ def predict_partition(
     seed: int = 0,
     router: str | None = None,
     progress: Callable[[], None] | None = None,
+    calibration: str = "text",
 ) -> Partition:
-    """The metanetwork's Partition of `checkpoint` (data-aware when `corpus` is given; "" or None: data-free).
-    `net` None: the shipped model. `router` None: the network's own; any router name of `metanet partition` works."""
+    """The metanetwork's Partition of `checkpoint`: data-aware when `corpus` is given or `calibration` is "generated"
+    (windows the model writes itself), else data-free. `net` None: the shipped model. `router` None: the network's
+    own; any router name of `metanet partition` works."""
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     point.expert_width(ckpt.d_ff)
-    calibration, split = calibrate(ckpt, corpus, calib_tokens, seed) if corpus else (None, None)
+    data_aware = bool(corpus) or calibration == "generated"
+    layers, split = calibrate(ckpt, corpus, calib_tokens, seed, calibration) if data_aware else (None, None)
     return make_partition(
-        ckpt, "metanet-data" if calibration else "metanet", point, router, calibration=calibration, seed=seed,
-        calib_tokens=split.n_tokens if split else 0, calib_seconds=split.seconds if split else 0.0,
+        ckpt, "metanet-data" if data_aware else "metanet", point, router, calibration=layers, seed=seed,
+        calib_tokens=split.n_tokens if split else 0, calib_seconds=split.seconds if split else 0.0, calib_source=calibration,
         progress=progress, metanetwork=net,
     )

@@ -54,12 +54,14 @@ def make_partitions(
     calib_seconds: float = 0.0,
     progress: Callable[[], None] | None = None,
     metanetwork=None,
+    calib_source: str = "text",
 ) -> dict[str, Partition]:
     """One neuron assignment per layer with `method`, then each router fitted on it.
 
     `calibration` maps layer index → LayerCalibration and is required when the method or a
     router is data-driven. convert_s of each partition = assignment time + its router's
     time + `calib_seconds` (the time spent producing the calibration data) when it used data.
+    `calib_source` ("text" or "generated") is recorded in the info of partitions that used it.
     Returns router name → Partition.
     """
     names = [resolve_router(method, r) for r in routers]
@@ -97,7 +99,8 @@ def make_partitions(
     for name in names:
         uses_data = needs_calibration(method, [name])
         convert_s = seconds["assign"] + seconds[name] + (calib_seconds if uses_data else 0.0)
-        info = {"seed": seed, "convert_s": round(convert_s, 3), "calib_tokens": calib_tokens if uses_data else 0}
+        info = {"seed": seed, "convert_s": round(convert_s, 3), "calib_tokens": calib_tokens if uses_data else 0,
+                **({"calib_source": calib_source} if uses_data else {})}
         partitions[name] = Partition(method, name, point, expert_width, layers[name], fingerprints, str(checkpoint.path), info)
         log.info("%s/%s partition of %d layers in %.1f s", method, name, len(fingerprints), convert_s)
     return partitions
