@@ -91,6 +91,7 @@ def test_minilm_round_trip_encodes_and_matches_eval(minilm_path, tmp_path):
 
     assert (summary["expert_width"], summary["padded_width"], summary["dtype"]) == (96, 128, "float32")
     assert all(m.w_in.shape == (16, 128, 384) and m.w_out.shape == (16, 384, 128) for m in moe_modules(loaded))
+    assert loaded.config.intermediate_size == 1536  # the real width, not the placeholder FFNs' it was built with
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "moe", local_files_only=True)  # copied with the weights
     with torch.no_grad():
         embedding = loaded(**tokenizer(["To be, or not to be"], return_tensors="pt")).last_hidden_state.mean(1)

@@ -44,7 +44,7 @@ from torch import nn
 
 from metanet.calib.capture import ENCODER_FAMILIES
 from metanet.checkpoints import Checkpoint
-from metanet.checkpoints.families import Layout, family_for
+from metanet.checkpoints.families import Family, Layout, family_for
 from metanet.checkpoints.sources import SafetensorsSource
 from metanet.errors import MetanetError
 from metanet.moe.convert import install
@@ -58,6 +58,9 @@ FORMAT_VERSION = 1
 PAD_MULTIPLE = 64  # expert width is rounded up to a multiple of this (GPU tiles)
 ROUTER_DTYPE = torch.float32  # routers stay float32 whatever the experts' dtype: routing decisions match the partition's
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+#: Width of the placeholder FFNs transformers builds before the MoEFFNs replace them (see _build_model).
+SKELETON_FFN_WIDTH = 8
 
 DENSE_FILE = "model.safetensors"
 CHECKSUM_FILE = "checksums.json"
@@ -316,7 +319,7 @@ def _read_model(folder: Path, dtype: torch.dtype | None, source: Path) -> nn.Mod
         for i in range(layout.n_layers)
     ]
     dense = _read_verified(folder / DENSE_FILE, checksums[DENSE_FILE])
-    model = _build_model(config, family.name, dense, modules, dtype, source)
+    model = _build_model(config, family, dense, modules, dtype, source)
     log.info("loaded the MoE checkpoint %s: %d %s layers, E=%d, k=%d, %s", folder, len(modules), family.name, point.experts, point.active, _dtype_name(dtype))
     return model
 
@@ -366,19 +369,21 @@ def _moe_module(tensors: dict[str, torch.Tensor], i: int, layout: Layout, family
 
 
 # -- the transformers model around the experts -----------------------------------------------
-def _build_model(config: dict, family: str, dense: dict[str, torch.Tensor], modules: list[MoEFFN], dtype: torch.dtype, source: Path) -> nn.Module:
+def _build_model(config: dict, family: Family, dense: dict[str, torch.Tensor], modules: list[MoEFFN], dtype: torch.dtype, source: Path) -> nn.Module:
     """transformers builds the model `config` describes from the non-FFN tensors `dense` (it knows each
     family's tensor names, renamings, tied embeddings and buffers); its FFNs are then swapped for `modules`.
 
     Causal LMs get their *ForCausalLM class, encoders their bare model (as `load_model_and_tokenizer`).
-    transformers fills the dense FFN weights it does not find with random values; they are
-    dropped by the swap. Any other weight without a tensor is a MetanetError naming `source`.
+    transformers builds the FFNs it is told of and fills their weights, which no tensor provides, with
+    random values; they only exist to be swapped out, so they are built SKELETON_FFN_WIDTH wide (the
+    config gets its real width back afterwards) instead of costing a dense FFN's memory and
+    initialisation time. Any other weight without a tensor is a MetanetError naming `source`.
     """
     from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
     from transformers.utils import logging as transformers_logging
 
-    hf_config = CONFIG_MAPPING[config["model_type"]].from_dict(config)
-    model_class = (MODEL_MAPPING if family in ENCODER_FAMILIES else MODEL_FOR_CAUSAL_LM_MAPPING)[type(hf_config)]
+    hf_config = CONFIG_MAPPING[config["model_type"]].from_dict(config | {family.d_ff_key: SKELETON_FFN_WIDTH})
+    model_class = (MODEL_MAPPING if family.name in ENCODER_FAMILIES else MODEL_FOR_CAUSAL_LM_MAPPING)[type(hf_config)]
     transformers_logging.disable_progress_bar()
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # its load report lists the dense FFN weights as missing: they are, on purpose
@@ -394,7 +399,8 @@ def _build_model(config: dict, family: str, dense: dict[str, torch.Tensor], modu
         key, stored, expected = sorted(info["mismatched_keys"])[0]
         raise MetanetError(f"{source}: shape mismatch: {key} is {list(stored)}, {model_class.__name__} expects {list(expected)}")
     dense_keys = set(model.state_dict())
-    install(model, family, modules)
+    install(model, family.name, modules)
+    setattr(model.config, family.d_ff_key, config.get(family.d_ff_key))
     ffn_keys = dense_keys - set(model.state_dict())  # the weights the MoEFFNs replaced
     missing = sorted(set(info["missing_keys"]) - ffn_keys)
     if missing:
