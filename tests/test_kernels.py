@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from metanet.errors import MetanetError
-from metanet.kernels import PATHS, moe_output
+from metanet.kernels import PATHS, choose_path, moe_output
 from metanet.kernels.dispatch import DECODE_MAX_TOKENS, DENSE_MAX_TOKENS, DENSE_MIN_UNION, cuda_path
 from metanet.kernels.grouped import grouped_matmul
 from metanet.moe import MoEFFN, convert, dense_ffn_layers, moe_forward
@@ -172,6 +172,16 @@ def test_gradients_flow_through_the_default_path(tiny_models):
     moe(x).square().sum().backward()
 
     assert x.grad is not None and moe.w_in.grad is not None and moe.w_in.grad.abs().sum() > 0
+
+
+def test_cpu_calls_take_the_grouped_path_and_autograd_the_reference(tiny_models):
+    tiny = tiny_models["llama"]
+    _, _, moe = moe_layer(tiny, active=3)
+    x = device_tokens(5, tiny.d_model, seed=0)
+    routed = lambda: moe.route(x)  # noqa: E731
+    assert choose_path(moe, x, routed) == "reference"  # parameters require grad, grad mode on
+    with torch.no_grad():
+        assert choose_path(moe, x, routed) == "grouped"
 
 
 def test_cuda_path_choice_follows_token_count_and_expert_union():

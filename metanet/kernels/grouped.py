@@ -8,7 +8,7 @@ expert's pairs form one contiguous segment. With X = x[t_p] stacked ([N, d], N =
     y[t] = Σ_{p: t_p = t} O[p]                                   (index_add in float32)
 
 Each projection is one `torch._grouped_mm` call where it applies (bf16 on CUDA sm80+,
-bf16/float32 on CPU, 16-byte aligned rows), otherwise one matmul per expert segment.
+bf16/float32 on CPU from torch 2.9, 16-byte aligned rows), otherwise one matmul per expert segment.
 FLOPs are those of the selected experts only: k/E of the dense FFN's.
 """
 
@@ -22,6 +22,8 @@ from metanet.checkpoints import ACTIVATIONS
 
 if TYPE_CHECKING:
     from metanet.moe.module import MoEFFN
+
+_TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])  # (major, minor)
 
 
 def grouped_sum(ffn: MoEFFN, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -57,7 +59,7 @@ def _grouped_mm_applies(a: torch.Tensor, w: torch.Tensor) -> bool:
         return False
     if a.device.type == "cuda":
         dtype_ok = a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (8, 0)
-    else:
-        dtype_ok = a.device.type == "cpu" and a.dtype in (torch.bfloat16, torch.float32)
+    else:  # torch 2.9 added the CPU implementation
+        dtype_ok = a.device.type == "cpu" and a.dtype in (torch.bfloat16, torch.float32) and _TORCH_VERSION >= (2, 9)
     alignment = 16 // a.element_size()  # elements per 16 bytes
     return dtype_ok and a.shape[1] % alignment == 0 and w.shape[1] % alignment == 0

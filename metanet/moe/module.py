@@ -14,8 +14,8 @@ The experts are carved out of the dense FFN, so with k = E this *is* the dense F
 (up to summation order), and with k < E it equals `metanet.moe.routing.moe_forward`.
 
 Both forwards run on the path `self.kernel` names ("auto": `metanet.kernels.choose_path`
-picks per call — reference on CPU and under autograd; on CUDA the Triton decode kernels,
-a grouped GEMM or the masked dense FFN); sums accumulate in float32.
+picks per call — reference under autograd, grouped on CPU; on CUDA the Triton decode
+kernels, a grouped GEMM or the masked dense FFN); sums accumulate in float32.
 
 Storage is grouped and contiguous, the layout a grouped-GEMM kernel and the MoE
 checkpoint use:  w_in [E, m, d], w_gate [E, m, d] (gated only), w_out [E, d, m],
