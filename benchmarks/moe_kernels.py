@@ -15,7 +15,9 @@ What it measures (DESIGN.md "Metrics", GPU line), every figure in one run on one
             checked against the reference path (relative error).
   --e2e     greedy decode tokens/s of a random-weight LLaMA (d=4096, f=14336, 32 heads / 8 KV heads,
             --e2e-layers blocks, vocab 32000), 16-token prompt, 128 new tokens, batch 1 and 8; dense,
-            then converted in place to MoE (E=16, k=4; random partition and router) with `metanet.moe.convert`.
+            then converted in place to MoE (E=16, k=4; random partition and router) with `metanet.moe.convert`:
+            transformers' generate, and the decode steps alone with a static KV cache, each step one
+            CUDA-graph replay (the serving setting, without host launch costs).
   --tune    block sizes and warps of the decode kernels (`metanet.kernels.decode.decode_output`) at T=1 and
             T=4 for d=4096, f=14336, E=16: up blocks with the default down blocks, then down blocks with the
             best up blocks, per warp count.
@@ -491,11 +493,63 @@ def end_to_end(bench: Bench, n_layers: int) -> None:
         for batch in sizes.e2e_batches:
             run = bench.attempt(f"e2e {kind} batch {batch}", lambda: model_speed(model, prompts[batch], sizes.e2e_new_tokens, device, sizes.e2e_repeats))
             if run is not None:
-                result["runs"].append({"model": kind, "batch": batch, **run})
+                result["runs"].append({"model": kind, "batch": batch, "mode": "generate", **run})
                 log.info("e2e %s batch %d: %.1f tokens/s", kind, batch, run["tokens_per_s"])
+            run = bench.attempt(f"e2e {kind} batch {batch} static-cache steps", lambda: static_decode_rate(model, prompts[batch], sizes.e2e_new_tokens, device))
+            if run is not None:
+                result["runs"].append({"model": kind, "batch": batch, "mode": "steps", **run})
+                log.info("e2e %s batch %d, static-cache steps: %.1f tokens/s (same tokens as generate: %s)", kind, batch, run["tokens_per_s"],
+                         run["matches_generate"])
             bench.save()
     del model
     empty_cache(device)
+
+
+def static_decode_rate(model, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> dict:
+    """Tokens/s of the greedy decode steps alone (prefill excluded) with a static KV cache, and whether they
+    produce generate's greedy tokens. On CUDA each step replays one CUDA graph of the model's forward (what
+    serving stacks do: no host launch cost per kernel); elsewhere each step is an eager call."""
+    from transformers import StaticCache
+
+    batch, length = prompt.shape
+    with torch.inference_mode():
+        expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                  do_sample=False, pad_token_id=0)[:, length:]
+        cache = StaticCache(config=model.config, max_cache_len=length + new_tokens)
+        logits = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(length, device=device), use_cache=True).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1], updated in place: the graph's input
+        position = torch.tensor([length], device=device)
+
+        def step() -> torch.Tensor:
+            return model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits[:, -1]
+
+        run = step
+        if device.type == "cuda":
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up before capture; it writes the cache slot the first replay rewrites
+                step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                graph_logits = step()
+            run = lambda: (graph.replay(), graph_logits)[1]  # noqa: E731
+        tokens = [token.clone()]
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            token.copy_(run().argmax(-1, keepdim=True))
+            position.add_(1)
+            tokens.append(token.clone())
+        sync(device)
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "tokens_per_s": batch * (new_tokens - 1) / seconds, "graph": device.type == "cuda",
+            "matches_generate": bool(torch.equal(torch.cat(tokens, dim=1), expected))}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -637,11 +691,15 @@ def e2e_section(e2e: dict | None) -> list[str]:
              f"median after a warm-up; tokens/s = batch × new tokens / wall seconds (prefill included). MoE: the same model converted in place "
              f"by `metanet.moe.convert` (E={e2e['experts']}, k={e2e['active']}, random equal-size partition, random router"
              + (f"; conversion took {e2e['convert_s']:.1f} s" if "convert_s" in e2e else "") + ").", "",
-             "| batch | dense tokens/s | MoE tokens/s | MoE / dense |", "|---|---|---|---|"]
-    by = {(r["model"], r["batch"]): r["tokens_per_s"] for r in e2e["runs"]}
-    for batch in dict.fromkeys(r["batch"] for r in e2e["runs"]):
-        dense, moe = by.get(("dense", batch)), by.get(("moe", batch))
-        lines.append(f"| {batch} | {fmt(dense, 1)} | {fmt(moe, 1)} | {speedup(ratio(moe, dense))} |")
+             "Steps: the decode steps alone with a static KV cache, each step one CUDA-graph replay of the model's forward on a GPU "
+             "(eager elsewhere); \"same tokens\" says whether they equal generate's greedy tokens.", "",
+             "| batch | mode | dense tokens/s | MoE tokens/s | MoE / dense | same tokens (dense, MoE) |", "|---|---|---|---|---|---|"]
+    by = {(r["model"], r["batch"], r.get("mode", "generate")): r for r in e2e["runs"]}
+    for batch, mode in dict.fromkeys((r["batch"], r.get("mode", "generate")) for r in e2e["runs"]):
+        dense, moe = by.get(("dense", batch, mode), {}), by.get(("moe", batch, mode), {})
+        same = ", ".join(str(r.get("matches_generate", "—")) for r in (dense, moe)) if mode == "steps" else "—"
+        lines.append(f"| {batch} | {mode} | {fmt(dense.get('tokens_per_s'), 1)} | {fmt(moe.get('tokens_per_s'), 1)} | "
+                     f"{speedup(ratio(moe.get('tokens_per_s'), dense.get('tokens_per_s')))} | {same} |")
     return lines + [""]
 
 

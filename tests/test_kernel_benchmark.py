@@ -27,8 +27,10 @@ def test_kernel_benchmark_smoke_run_writes_measured_rows_and_names_the_device(tm
     if HAS_TRITON:
         assert any("decode" in row["paths"] for row in results["rows"])  # Triton's interpreter ran the decode kernels
         assert results["tune"]["rows"] and all(r["ms"] > 0 for r in results["tune"]["rows"])
-    assert {r["model"] for r in results["e2e"]["runs"]} == {"dense", "moe"}
-    assert all(r["tokens_per_s"] > 0 for r in results["e2e"]["runs"])
+    runs = results["e2e"]["runs"]
+    assert {(r["model"], r["mode"]) for r in runs} == {(m, mode) for m in ("dense", "moe") for mode in ("generate", "steps")}
+    assert all(r["tokens_per_s"] > 0 for r in runs)
+    assert all(r["matches_generate"] for r in runs if r["mode"] == "steps")  # static-cache steps decode what generate decodes
     markdown = (tmp_path / "smoke.md").read_text()
     assert results["device"]["name"] in markdown
     assert "all-MiniLM-L6-v2" in markdown  # where the replayed routing comes from
