@@ -149,7 +149,8 @@ def run_partition(checkpoint: str, method: str, point, router: Optional[str], co
     console.print(_summary_table(f"{method} partition of {checkpoint}", {
         "experts × width": f"{point.experts} × {result.expert_width}", "active (shared)": f"{point.active} ({point.shared})",
         "router": router, "layers": len(result.layers), "convert_s": result.info["convert_s"],
-        "calib_tokens": result.info["calib_tokens"], "written": str(out), "MLflow run": run.info.run_id,
+        "calib_tokens": result.info["calib_tokens"], **({"calibration": calibration} if layers is not None else {}),
+        "written": str(out), "MLflow run": run.info.run_id,
     }))
 
 
