@@ -29,12 +29,11 @@ import triton
 import triton.language as tl
 
 from metanet.errors import MetanetError
+from metanet.kernels.dispatch import DECODE_MAX_TOKENS as MAX_TOKENS  # most tokens one decode call takes
 
 if TYPE_CHECKING:
     from metanet.moe.module import MoEFFN
 
-#: Most tokens one decode call takes; above it the dispatcher uses the grouped or dense path.
-MAX_TOKENS = 4
 #: Token rows of a block product (tl.dot needs ≥ 16).
 _TOKEN_ROWS = 16
 

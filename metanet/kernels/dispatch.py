@@ -7,9 +7,9 @@
     of selected experts ≥ DENSE_MIN_UNION of E → dense (bandwidth-bound: read every weight once, as dense does)
     otherwise                           → grouped     (k/E of the dense FLOPs)
 
-The thresholds are the crossover points of benchmarks/moe_kernels.py (`--paths` times
-every path at every T). Choosing decode needs no host synchronisation, and decode
-routes inside its own kernels.
+The CUDA thresholds are placeholders until benchmarks/moe_kernels.py --paths has run on a
+GPU: it times every path at every T, and they belong at the crossovers it shows.
+Choosing decode needs no host synchronisation, and decode routes inside its own kernels.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from metanet.moe.module import MoEFFN
 
 PATHS = ("reference", "decode", "grouped", "dense")
-DECODE_MAX_TOKENS = 4
+DECODE_MAX_TOKENS = 4  # most tokens one decode call takes
 DENSE_MAX_TOKENS = 128
 DENSE_MIN_UNION = 0.75
 
