@@ -22,6 +22,7 @@ import datetime
 import json
 import logging
 import re
+import shutil
 import subprocess
 import tempfile
 from collections import Counter
@@ -29,8 +30,7 @@ from pathlib import Path
 
 import torch
 import triton
-from triton._C.libtriton import native_specialize_impl
-from triton.backends.compiler import BaseBackend, GPUTarget
+from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from metanet.kernels.decode import Launch, launches
@@ -41,7 +41,9 @@ log = logging.getLogger("benchmarks.decode_sass")
 
 RESULTS = Path(__file__).parent / "results"
 HOPPER = GPUTarget("cuda", 90, 32)
-CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+CUOBJDUMP = next((path for path in (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump", shutil.which("cuobjdump"))
+                  if path and Path(path).is_file()), None)  # Triton's own copy, else a CUDA toolkit's
+POINTER_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64"}
 #: Machine instructions counted: global loads and stores, asynchronous copies, matrix products.
 INSTRUCTIONS = re.compile(r"\b(LDGSTS\.[.\w]*|LDG\.[.\w]*|STG\.[.\w]*|RED\.[.\w]*|ATOM\.[.\w]*|HMMA\.[.\w]*|HGMMA\.[.\w]*)")
 #: (d, f, E) of the GPU benchmark's shapes, with k = E/4 and the expert width padded to 64.
@@ -82,18 +84,33 @@ def compile_launch(launch: Launch, target: GPUTarget = HOPPER):
         if kernel.params[index].is_constexpr:
             signature[name], constexprs[name] = "constexpr", value
             continue
-        kind, specialisation = native_specialize_impl(BaseBackend, value, False, True, True)
+        kind, divisible = specialise(value)
         signature[name] = kind
         if kind == "constexpr":
-            constexprs[name] = specialisation
-        elif specialisation == "D":
+            constexprs[name] = value
+        elif divisible:
             attrs[(index,)] = [["tt.divisibility", 16]]
     options = {key: launch.arguments[key] for key in ("num_warps", "num_stages") if key in launch.arguments}
     return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options)
 
 
+def specialise(value) -> tuple[str, bool]:
+    """(signature type, divisible by 16) of one argument, by the rules Triton's JIT applies on a GPU: a tensor is a
+    pointer to its dtype, aligned when its address is a multiple of 16 bytes (meta tensors: address 0); an integer
+    equal to 1 becomes a constant; other integers are i32 (i64 when they need it), marked when a multiple of 16."""
+    if isinstance(value, torch.Tensor):
+        return f"*{POINTER_TYPES[value.dtype]}", value.data_ptr() % 16 == 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"no specialisation rule for {type(value).__name__} arguments")
+    if value == 1:
+        return "constexpr", False
+    return ("i32" if -(2**31) <= value < 2**31 else "i64"), value % 16 == 0
+
+
 def machine_code_facts(compiled) -> dict:
     """Registers, stack (spills), shared memory (dynamic, bytes) and an instruction census of a compiled kernel's cubin."""
+    if CUOBJDUMP is None:
+        raise SystemExit("no cuobjdump: neither Triton's package nor a CUDA toolkit on PATH carries one")
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
