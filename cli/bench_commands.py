@@ -25,6 +25,7 @@ def bench_command(
     """Time every FFN layer (MoE vs dense) per token count on real held-out text, and generation end to end."""
     from rich.table import Table
 
+    from metanet.checkpoints import open_checkpoint
     from metanet.errors import MetanetError
     from metanet.eval.plots import plot_speedup
     from metanet.eval.speed import measure_speed, resolve_device
@@ -39,6 +40,8 @@ def bench_command(
         raise MetanetError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     read_config(moe_dir)  # bad input is refused before a run is logged
     resolve_device(device)
+    if dense is not None:
+        open_checkpoint(dense)
     params = {"moe_dir": str(moe_dir), "tokens": tokens, "new_tokens": new_tokens, "device": device, "dtype": dtype or "stored",
               "dense": dense or "source", "corpus": corpus or "default"}
     with tracked_run("bench", moe_dir.name, params, tracking_uri), progress_bar() as progress:

@@ -168,7 +168,8 @@ def measure_speed(
     """FFN speed-ups per T and end-to-end tokens/s of the MoE checkpoint in `moe_dir` (module docstring).
 
     dense: the dense checkpoint to compare end to end (default: the source its config names; when
-    that folder is gone, only the MoE is timed end to end). dtype None keeps the stored one.
+    that folder is gone, only the MoE is timed end to end; a `dense` that cannot be opened is a
+    MetanetError before any timing). dtype None keeps the stored one.
     progress(description, total) returns a function to call after each step of that work.
     """
     from transformers import AutoTokenizer
@@ -186,6 +187,8 @@ def measure_speed(
     moe_dir = Path(moe_dir)
     _, section = read_config(moe_dir)  # MetanetError unless an MoE checkpoint
     target = resolve_device(device)
+    source = section.get("source")
+    dense_checkpoint = open_checkpoint(dense) if dense else open_checkpoint(source) if source and Path(source).exists() else None
     docs = load_corpus(corpus)
     try:
         tokenizer = AutoTokenizer.from_pretrained(moe_dir, local_files_only=True)
@@ -209,16 +212,15 @@ def measure_speed(
     if step:
         step()
     del model, modules
-    dense_source = dense or section.get("source")
-    if dense_source and Path(dense_source).exists():
-        dense_model, _ = load_model_and_tokenizer(open_checkpoint(dense_source))
+    if dense_checkpoint is not None:
+        dense_model, _ = load_model_and_tokenizer(dense_checkpoint)
         dense_model = dense_model.to(target, dtype or getattr(torch, section["dtype"])).requires_grad_(False)
         end_to_end["dense"] = model_speed(dense_model, sample, None if encoder else new_tokens, target)
-        end_to_end["dense_source"] = str(dense_source)
+        end_to_end["dense_source"] = str(dense or source)
         end_to_end["speedup"] = end_to_end["moe"]["tokens_per_s"] / end_to_end["dense"]["tokens_per_s"]
     else:
         end_to_end["dense_source"] = None
-        log.warning("the dense source %s is not here: only the MoE model is timed end to end (pass --dense)", dense_source)
+        log.warning("the dense source %s is not here: only the MoE model is timed end to end (pass --dense)", source)
     if step:
         step()
     device_name = torch.cuda.get_device_name(target) if target.type == "cuda" else "CPU"
