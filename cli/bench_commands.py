@@ -28,7 +28,7 @@ def bench_command(
     from metanet.checkpoints import open_checkpoint
     from metanet.errors import MetanetError
     from metanet.eval.plots import plot_speedup
-    from metanet.eval.speed import measure_speed, resolve_device
+    from metanet.eval.speed import check_counts, measure_speed, resolve_device
     from metanet.moe.checkpoint import DTYPES, read_config
     from metanet.tracking import log_artifacts, log_metrics, tracked_run
 
@@ -38,7 +38,8 @@ def bench_command(
         raise MetanetError(f"--tokens takes comma-separated integers, got {tokens!r}") from None
     if dtype is not None and dtype not in DTYPES:
         raise MetanetError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    read_config(moe_dir)  # bad input is refused before a run is logged
+    check_counts(counts, new_tokens)  # bad input is refused before a run is logged
+    read_config(moe_dir)
     resolve_device(device)
     if dense is not None:
         open_checkpoint(dense)

@@ -71,6 +71,7 @@ def test_bench_refuses_bad_input_with_one_line_and_logs_nothing(trained_lm, tmp_
     cases = [
         ([str(trained_lm)], "not an MoE checkpoint"),
         ([str(moe_dir), "--tokens", "1,x"], "--tokens takes comma-separated integers"),
+        ([str(moe_dir), "--tokens", "0,8"], "token counts must be positive integers, got [0, 8]"),
         ([str(moe_dir), "--dtype", "int8"], "--dtype must be one of bf16, fp16, fp32"),
         ([str(moe_dir), "--device", "tpu"], "device must be auto, cpu or cuda"),
         ([str(moe_dir), "--dense", str(tmp_path / "no-such-model")], "no such file or folder"),

@@ -155,6 +155,14 @@ def model_speed(model, input_ids: torch.Tensor, new_tokens: int | None, device: 
     return {"seconds": median, "tokens_per_s": produced / median}
 
 
+def check_counts(tokens: list[int], new_tokens: int) -> None:
+    """MetanetError unless every token count and the number of generated tokens is a positive integer."""
+    if not tokens or any(t < 1 for t in tokens):
+        raise MetanetError(f"token counts must be positive integers, got {tokens}")
+    if new_tokens < 1:
+        raise MetanetError(f"new tokens must be ≥ 1, got {new_tokens}")
+
+
 def measure_speed(
     moe_dir: str | Path,
     tokens: list[int],
@@ -180,10 +188,7 @@ def measure_speed(
     from metanet.moe import MoEFFN, load
     from metanet.moe.checkpoint import read_config
 
-    if not tokens or any(t < 1 for t in tokens):
-        raise MetanetError(f"token counts must be positive integers, got {tokens}")
-    if new_tokens < 1:
-        raise MetanetError(f"new tokens must be ≥ 1, got {new_tokens}")
+    check_counts(tokens, new_tokens)
     moe_dir = Path(moe_dir)
     _, section = read_config(moe_dir)  # MetanetError unless an MoE checkpoint
     target = resolve_device(device)
