@@ -70,7 +70,7 @@ from typing import Callable
 import torch
 
 from metanet.checkpoints import FFNLayer
-from metanet.eval.speed import model_speed, per_call_ms
+from metanet.eval.speed import decode_steps_speed, model_speed, per_call_ms
 from metanet.kernels import choose_path
 from metanet.moe.module import MoEFFN
 from metanet.partition.partition import LayerPartition, OperatingPoint, Partition
@@ -495,7 +495,7 @@ def end_to_end(bench: Bench, n_layers: int) -> None:
             if run is not None:
                 result["runs"].append({"model": kind, "batch": batch, "mode": "generate", **run})
                 log.info("e2e %s batch %d: %.1f tokens/s", kind, batch, run["tokens_per_s"])
-            run = bench.attempt(f"e2e {kind} batch {batch} static-cache steps", lambda: static_decode_rate(model, prompts[batch], sizes.e2e_new_tokens, device))
+            run = bench.attempt(f"e2e {kind} batch {batch} static-cache steps", lambda: decode_steps_speed(model, prompts[batch], sizes.e2e_new_tokens, device))
             if run is not None:
                 result["runs"].append({"model": kind, "batch": batch, "mode": "steps", **run})
                 log.info("e2e %s batch %d, static-cache steps: %.1f tokens/s (same tokens as generate: %s)", kind, batch, run["tokens_per_s"],
@@ -503,53 +503,6 @@ def end_to_end(bench: Bench, n_layers: int) -> None:
             bench.save()
     del model
     empty_cache(device)
-
-
-def static_decode_rate(model, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> dict:
-    """Tokens/s of the greedy decode steps alone (prefill excluded) with a static KV cache, and whether they
-    produce generate's greedy tokens. On CUDA each step replays one CUDA graph of the model's forward (what
-    serving stacks do: no host launch cost per kernel); elsewhere each step is an eager call."""
-    from transformers import StaticCache
-
-    batch, length = prompt.shape
-    with torch.inference_mode():
-        expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                  do_sample=False, pad_token_id=0)[:, length:]
-        cache = StaticCache(config=model.config, max_cache_len=length + new_tokens)
-        logits = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(length, device=device), use_cache=True).logits
-        token = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1], updated in place: the graph's input
-        position = torch.tensor([length], device=device)
-
-        def step() -> torch.Tensor:
-            return model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits[:, -1]
-
-        run = step
-        if device.type == "cuda":
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up before capture; it writes the cache slot the first replay rewrites
-                step()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                graph_logits = step()
-            run = lambda: (graph.replay(), graph_logits)[1]  # noqa: E731
-        tokens = [token.clone()]
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            token.copy_(run().argmax(-1, keepdim=True))
-            position.add_(1)
-            tokens.append(token.clone())
-        sync(device)
-        seconds = time.perf_counter() - start
-    return {"seconds": seconds, "tokens_per_s": batch * (new_tokens - 1) / seconds, "graph": device.type == "cuda",
-            "matches_generate": bool(torch.equal(torch.cat(tokens, dim=1), expected))}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 # -- report ---------------------------------------------------------------------------------

@@ -56,7 +56,9 @@ def bench_command(
             log_metrics({"speedup": row["speedup"], "dense_ms": row["dense_ms"], "moe_ms": row["moe_ms"]}, prefix=f"T{row['tokens']}.")
         e2e = result["end_to_end"]
         log_metrics({"moe_tokens_per_s": e2e["moe"]["tokens_per_s"], **({"dense_tokens_per_s": e2e["dense"]["tokens_per_s"],
-                     "e2e_speedup": e2e["speedup"]} if "dense" in e2e else {})})
+                     "e2e_speedup": e2e["speedup"]} if "dense" in e2e else {}),
+                     **{f"{kind}_tokens_per_s": e2e[kind]["tokens_per_s"] for kind in ("moe_steps", "dense_steps") if kind in e2e},
+                     **({"steps_speedup": e2e["steps_speedup"]} if "steps_speedup" in e2e else {})})
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "bench.json").write_text(json.dumps(result, indent=1))
             plot = plot_speedup(result["ffn"], Path(tmp) / "speedup.png", f"{moe_dir.name} on {result['device']} ({result['dtype']})")
@@ -74,6 +76,7 @@ def bench_command(
         "MoE tokens/s": e2e["moe"]["tokens_per_s"],
         "dense tokens/s": e2e["dense"]["tokens_per_s"] if "dense" in e2e else "not measured (dense source not found; pass --dense)",
         **({"speed-up": f"{e2e['speedup']:.2f}×"} if "dense" in e2e else {}),
+        **_steps_rows(e2e),
     }))
 
 
@@ -81,3 +84,16 @@ def _shares(paths: dict[str, int]) -> str:
     """"decode" when every call took it, else each path with its share of the calls."""
     total = sum(paths.values())
     return next(iter(paths)) if len(paths) == 1 else ", ".join(f"{path} {100 * n / total:.0f}%" for path, n in paths.items())
+
+
+def _steps_rows(e2e: dict) -> dict:
+    """Summary rows of the static-cache decode steps (causal LMs): tokens/s and their speed-up when comparable."""
+    if "moe_steps" not in e2e:
+        return {}
+    how = "CUDA graph" if e2e["moe_steps"]["graph"] else "eager"
+    rows = {f"MoE decode steps tokens/s ({how})": e2e["moe_steps"]["tokens_per_s"]}
+    if "dense_steps" in e2e:
+        rows[f"dense decode steps tokens/s ({how})"] = e2e["dense_steps"]["tokens_per_s"]
+        rows["steps speed-up"] = (f"{e2e['steps_speedup']:.2f}×" if "steps_speedup" in e2e
+                                  else "not comparable: static-cache steps do not reproduce generate's tokens for this family")
+    return rows

@@ -7,9 +7,11 @@ checkpoint's own on real text. The model's FFN time at T is the sum over blocks,
 
     speed-up(T) = dense FFN time / MoE FFN time        (> 1: the MoE is faster)
 
-End to end: causal LMs generate `new_tokens` tokens greedily from a held-out prompt (batch 1);
-encoders run a forward over [8, 128] held-out windows. Tokens/s of the MoE model and of its
-dense source (the folder its config names, or `dense=`); without a source only the MoE is timed.
+End to end: causal LMs generate `new_tokens` tokens greedily from a held-out prompt (batch 1),
+with transformers' generate and as decode steps alone on a static KV cache (on CUDA each step one
+CUDA-graph replay: what serving stacks run); encoders run a forward over [8, 128] held-out
+windows. Tokens/s of the MoE model and of its dense source (the folder its config names, or
+`dense=`); without a source only the MoE is timed.
 
 Times are medians over repeated passes of several calls each (`per_call_ms`): CUDA events on a
 GPU, the wall clock on a CPU.
@@ -140,12 +142,10 @@ def model_speed(model, input_ids: torch.Tensor, new_tokens: int | None, device: 
                 raise MetanetError(f"generate stopped after {out.shape[1] - input_ids.shape[1]} of {new_tokens} new tokens")
 
     def seconds() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _synchronize(device)
         start = time.perf_counter()
         run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _synchronize(device)
         return time.perf_counter() - start
 
     with torch.inference_mode():
@@ -161,6 +161,59 @@ def check_counts(tokens: list[int], new_tokens: int) -> None:
         raise MetanetError(f"token counts must be positive integers, got {tokens}")
     if new_tokens < 1:
         raise MetanetError(f"new tokens must be ≥ 1, got {new_tokens}")
+
+
+def decode_steps_speed(model, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> dict:
+    """Tokens/s of a causal LM's greedy decode steps alone (prefill excluded) with a static KV cache, and whether
+    they produce generate's greedy tokens (they do not for every family: OPT's positions need the attention
+    mask). On CUDA each step replays one CUDA graph of the model's forward (what serving stacks do: no host
+    launch cost per kernel); elsewhere each step is an eager call.   prompt: [B, P]"""
+    from transformers import StaticCache
+
+    batch, length = prompt.shape
+    with torch.inference_mode():
+        expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                  do_sample=False, pad_token_id=0)[:, length:]
+        cache = StaticCache(config=model.config, max_cache_len=length + new_tokens)
+        logits = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(length, device=device), use_cache=True).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1], updated in place: the graph's input
+        position = torch.tensor([length], device=device)
+
+        def step() -> torch.Tensor:
+            return model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits[:, -1]
+
+        run = step
+        if device.type == "cuda":
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up before capture; it writes the cache slot the first replay rewrites
+                step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                graph_logits = step()
+            run = lambda: (graph.replay(), graph_logits)[1]  # noqa: E731
+        tokens = [token.clone()]
+        _synchronize(device)
+        start = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            token.copy_(run().argmax(-1, keepdim=True))
+            position.add_(1)
+            tokens.append(token.clone())
+        _synchronize(device)
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "tokens_per_s": batch * (new_tokens - 1) / seconds, "graph": device.type == "cuda",
+            "matches_generate": bool(torch.equal(torch.cat(tokens, dim=1), expected))}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def measure_speed(
@@ -214,6 +267,8 @@ def measure_speed(
     step = progress("end to end", 2) if progress else None
     end_to_end = {"kind": "encoder forward" if encoder else "greedy generate", "input_shape": list(sample.shape),
                   "new_tokens": None if encoder else new_tokens, "moe": model_speed(model, sample, None if encoder else new_tokens, target)}
+    if not encoder:
+        end_to_end["moe_steps"] = decode_steps_speed(model, sample.to(target), new_tokens, target)
     if step:
         step()
     del model, modules
@@ -223,6 +278,11 @@ def measure_speed(
         end_to_end["dense"] = model_speed(dense_model, sample, None if encoder else new_tokens, target)
         end_to_end["dense_source"] = str(dense or source)
         end_to_end["speedup"] = end_to_end["moe"]["tokens_per_s"] / end_to_end["dense"]["tokens_per_s"]
+        if not encoder:
+            end_to_end["dense_steps"] = decode_steps_speed(dense_model, sample.to(target), new_tokens, target)
+            steps = end_to_end["moe_steps"], end_to_end["dense_steps"]
+            if all(s["matches_generate"] for s in steps):  # the steps decode what generate decodes: comparable
+                end_to_end["steps_speedup"] = steps[0]["tokens_per_s"] / steps[1]["tokens_per_s"]
     else:
         end_to_end["dense_source"] = None
         log.warning("the dense source %s is not here: only the MoE model is timed end to end (pass --dense)", source)
