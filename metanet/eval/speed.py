@@ -19,6 +19,7 @@ GPU, the wall clock on a CPU.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import statistics
 import time
@@ -174,13 +175,13 @@ def decode_steps_speed(model, prompt: torch.Tensor, new_tokens: int, device: tor
     with torch.inference_mode():
         expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                   do_sample=False, pad_token_id=0)[:, length:]
-        cache = StaticCache(config=model.config, max_cache_len=length + new_tokens)
-        logits = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(length, device=device), use_cache=True).logits
+        cache = {_cache_keyword(model): StaticCache(config=model.config, max_cache_len=length + new_tokens)}
+        logits = model(input_ids=prompt, **cache, cache_position=torch.arange(length, device=device), use_cache=True).logits
         token = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1], updated in place: the graph's input
         position = torch.tensor([length], device=device)
 
         def step() -> torch.Tensor:
-            return model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits[:, -1]
+            return model(input_ids=token, **cache, cache_position=position, use_cache=True).logits[:, -1]
 
         run = step
         if device.type == "cuda":
@@ -209,6 +210,11 @@ def decode_steps_speed(model, prompt: torch.Tensor, new_tokens: int, device: tor
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def _cache_keyword(model) -> str:
+    """The forward's name for the KV cache: `cache` from transformers 5.2x on (`past_key_values` before, deprecated then)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _synchronize(device: torch.device) -> None:
