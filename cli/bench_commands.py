@@ -81,7 +81,7 @@ def bench_command(
 
 
 def _shares(paths: dict[str, int]) -> str:
-    """"decode" when every call took it, else each path with its share of the calls."""
+    """The path's name when every call took it, else each path with its share of the calls."""
     total = sum(paths.values())
     return next(iter(paths)) if len(paths) == 1 else ", ".join(f"{path} {100 * n / total:.0f}%" for path, n in paths.items())
 

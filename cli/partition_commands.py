@@ -42,6 +42,15 @@ def calibration_option():
     return typer.Option("text", "--calibration", help="Where calibration comes from: text (--corpus) | generated (windows the model writes itself: no text needed).")
 
 
+def _check_calibration(calibration: str) -> None:
+    """A bad --calibration is refused before any model is loaded or run logged."""
+    from metanet.calib import CALIBRATION_SOURCES
+    from metanet.errors import MetanetError
+
+    if calibration not in CALIBRATION_SOURCES:
+        raise MetanetError(f"--calibration must be one of {', '.join(CALIBRATION_SOURCES)}, got {calibration!r}")
+
+
 def _point(experts: int, active: int, shared: int, width_multiple: int):
     from metanet.partition import OperatingPoint
 
@@ -110,14 +119,12 @@ def run_partition(checkpoint: str, method: str, point, router: Optional[str], co
     """What `metanet partition` and `metanet predict` share: calibrate when needed (on text or on windows the
     model writes), partition every layer with a progress bar, write the folder, log one MLflow run in
     `experiment`, print a summary."""
-    from metanet.calib import CALIBRATION_SOURCES, load_corpus, load_model_and_tokenizer
-    from metanet.errors import MetanetError
+    from metanet.calib import load_corpus, load_model_and_tokenizer
     from metanet.checkpoints import open_checkpoint
     from metanet.partition.make import METANET_METHODS, METANET_ROUTER, make_partition, needs_calibration, resolve_router
     from metanet.tracking import log_artifacts, log_metrics, tracked_run
 
-    if calibration not in CALIBRATION_SOURCES:
-        raise MetanetError(f"--calibration must be one of {', '.join(CALIBRATION_SOURCES)}, got {calibration!r}")
+    _check_calibration(calibration)
     ckpt = open_checkpoint(checkpoint)
     point.expert_width(ckpt.d_ff)
     router = resolve_router(method, router)
@@ -240,6 +247,7 @@ def compare(
     from metanet.partition.routers import ROUTERS
     from metanet.tracking import tracked_run
 
+    _check_calibration(calibration)
     ckpt = open_checkpoint(checkpoint)
     try:
         seed_list = [int(s) for s in seeds.split(",")]

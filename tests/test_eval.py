@@ -94,6 +94,9 @@ def test_partition_calibrated_on_windows_the_model_writes_needs_no_text(trained_
     result = runner.invoke(app, ["partition", str(trained_lm), "--method", "coact", "--calibration", "web", "--out", str(tmp_path / "p2")])
     assert result.exit_code == 2 and "--calibration must be one of text, generated" in result.stderr
     assert not (tmp_path / "p2").exists()
+    result = runner.invoke(app, ["compare", str(trained_lm), "--methods", "coact", "--calibration", "web", "--out", str(tmp_path / "c2")])
+    assert result.exit_code == 2 and "--calibration must be one of text, generated" in result.stderr
+    assert not (tmp_path / "c2").exists()
 
 
 def test_compare_writes_tables_plots_and_an_mlflow_run(trained_lm, tmp_path):

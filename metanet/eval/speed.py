@@ -105,24 +105,23 @@ def ffn_speed(moe_modules: list, inputs: dict[int, torch.Tensor], tokens: list[i
     """
     from metanet.kernels import choose_path
 
-    rows = []
-    for n_tokens in tokens:
-        dense_ms = moe_ms = 0.0
-        paths: Counter = Counter()
-        for i, moe in enumerate(moe_modules):
-            dense = moe.to_ffn_layer()  # the block's dense FFN: same weights, device and dtype
-            dtype = moe.w_in.dtype
-            pool = inputs[i]
-            windows = [pool[(j * n_tokens + torch.arange(n_tokens)) % pool.shape[0]].to(device, dtype) for j in range(CALLS)]  # each [T, d]
+    dense_ms, moe_ms = dict.fromkeys(tokens, 0.0), dict.fromkeys(tokens, 0.0)  # T → summed over blocks
+    paths = {n_tokens: Counter() for n_tokens in tokens}
+    for i, moe in enumerate(moe_modules):
+        dense = moe.to_ffn_layer()  # the block's dense FFN, built once for all T: same weights, device and dtype
+        pool = inputs[i]
+        for n_tokens in tokens:
+            windows = [pool[(j * n_tokens + torch.arange(n_tokens)) % pool.shape[0]].to(device, moe.w_in.dtype) for j in range(CALLS)]  # each [T, d]
             with torch.inference_mode():
-                dense_ms += per_call_ms(lambda j: dense.forward(windows[j]), CALLS, REPEATS, device)
-                moe_ms += per_call_ms(lambda j: moe(windows[j]), CALLS, REPEATS, device)
-                paths.update(choose_path(moe, w, lambda w=w: moe.route(w)) if moe.kernel == "auto" else moe.kernel for w in windows)
+                dense_ms[n_tokens] += per_call_ms(lambda j: dense.forward(windows[j]), CALLS, REPEATS, device)
+                moe_ms[n_tokens] += per_call_ms(lambda j: moe(windows[j]), CALLS, REPEATS, device)
+                paths[n_tokens].update(choose_path(moe, w, lambda w=w: moe.route(w)) if moe.kernel == "auto" else moe.kernel for w in windows)
             if progress is not None:
                 progress()
-        rows.append({"tokens": n_tokens, "dense_ms": dense_ms, "moe_ms": moe_ms, "speedup": dense_ms / moe_ms,
-                     "paths": dict(paths)})
-        log.info("T=%d: dense %.4f ms, MoE %.4f ms (%.2f×), paths %s", n_tokens, dense_ms, moe_ms, dense_ms / moe_ms, dict(paths))
+    rows = [{"tokens": t, "dense_ms": dense_ms[t], "moe_ms": moe_ms[t], "speedup": dense_ms[t] / moe_ms[t], "paths": dict(paths[t])}
+            for t in tokens]
+    for row in rows:
+        log.info("T=%d: dense %.4f ms, MoE %.4f ms (%.2f×), paths %s", row["tokens"], row["dense_ms"], row["moe_ms"], row["speedup"], row["paths"])
     return rows
 
 

@@ -63,14 +63,7 @@ def moe_output(ffn: MoEFFN, tokens: torch.Tensor, mask: torch.Tensor | None = No
     tokens: [T, d]; mask: bool [T, E], or None for the router's selection (`ffn.route`) → y: [T, d]
     The torch paths return float32 sums that are finished here; decode finishes in its kernel.
     """
-    routed: list[torch.Tensor] = []  # the router's mask, computed at most once
-
-    def selection() -> torch.Tensor:
-        if mask is not None:
-            return mask
-        if not routed:
-            routed.append(ffn.route(tokens))
-        return routed[0]
+    selection = cache(lambda: ffn.route(tokens) if mask is None else mask)  # the router runs at most once, and only if asked
 
     if path == "auto":
         path = choose_path(ffn, tokens, selection)
