@@ -25,6 +25,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from dataclasses import replace
 from collections import Counter
 from pathlib import Path
 
@@ -33,7 +34,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from metanet.kernels.decode import Launch, launches
+from metanet.kernels.decode import Launch, Tiling, launches
 from metanet.moe.module import MoEFFN
 from metanet.partition.partition import OperatingPoint
 
@@ -50,6 +51,7 @@ INSTRUCTIONS = re.compile(r"\b(LDGSTS\.[.\w]*|LDG\.[.\w]*|STG\.[.\w]*|RED\.[.\w]
 SHAPES = ((4096, 14336, 16), (4096, 14336, 32), (4096, 11008, 16))
 UP_BLOCKS = ((16, 128), (32, 128), (64, 64), (32, 256))
 DOWN_BLOCKS = ((16, 256), (32, 128), (64, 128))
+STAGES = (2, 4, 5)
 
 
 def meta_moe(d: int, f: int, experts: int, dtype: torch.dtype = torch.bfloat16, activation: str = "silu",
@@ -65,14 +67,13 @@ def meta_moe(d: int, f: int, experts: int, dtype: torch.dtype = torch.bfloat16, 
     )
 
 
-def decode_launches(moe: MoEFFN, n_tokens: int, up_block: tuple[int, int] = (32, 128), down_block: tuple[int, int] = (32, 128),
-                    num_warps: int = 4) -> list[Launch]:
+def decode_launches(moe: MoEFFN, n_tokens: int, tiling: Tiling = Tiling()) -> list[Launch]:
     """The launches of one routed decode call of `moe` on n_tokens tokens (meta tensors)."""
     n_experts, width, d = moe.w_in.shape
     meta = lambda *shape, dtype: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
-    return launches(moe, meta(n_tokens, d, dtype=moe.w_in.dtype), meta(n_tokens, n_experts, dtype=torch.uint8),
-                    meta(n_tokens, n_experts, width, dtype=torch.float32), meta(n_tokens, d, dtype=moe.w_in.dtype),
-                    True, up_block, down_block, num_warps)
+    return launches(moe, meta(n_tokens, d, dtype=moe.w_in.dtype), meta(n_tokens, n_experts, dtype=torch.float32),
+                    meta(n_tokens, n_experts, dtype=torch.uint8), meta(n_tokens, n_experts, width, dtype=torch.float32),
+                    meta(n_tokens, d, dtype=moe.w_in.dtype), tiling)
 
 
 def compile_launch(launch: Launch, target: GPUTarget = HOPPER):
@@ -122,24 +123,26 @@ def machine_code_facts(compiled) -> dict:
 
 
 def survey() -> list[dict]:
-    """Facts of every decode kernel for the benchmark shapes at T = 1 and 4, default and candidate block sizes."""
+    """Facts of every decode kernel for the benchmark shapes at T = 1 and 4: default and candidate tilings."""
     rows = []
+    default = Tiling()
+    tilings = ([replace(default, up_block=up) for up in UP_BLOCKS] + [replace(default, down_block=down) for down in DOWN_BLOCKS[::2]]
+               + [replace(default, num_warps=8)] + [replace(default, num_stages=stages) for stages in STAGES])
     for d, f, experts in SHAPES:
         moe = meta_moe(d, f, experts)
         for n_tokens in (1, 4):
-            configurations = [(up, (32, 128), 4) for up in UP_BLOCKS] + [((32, 128), down, 4) for down in DOWN_BLOCKS[::2]] + [((32, 128), (32, 128), 8)]
             seen = set()
-            for up, down, warps in configurations:
-                for launch in decode_launches(moe, n_tokens, up, down, warps):
+            for tiling in tilings:
+                for launch in decode_launches(moe, n_tokens, tiling):
                     name = launch.kernel.fn.__name__.strip("_").removesuffix("_kernel")
-                    block = {"route": "", "up": f"{up[0]}×{up[1]}", "down": f"{down[0]}×{down[1]}"}[name]
-                    key = (name, block, warps)
-                    if key in seen:
+                    block = {"score": "", "up": "×".join(map(str, tiling.up_block)), "down": "×".join(map(str, tiling.down_block))}[name]
+                    warps, stages = launch.arguments["num_warps"], launch.arguments.get("num_stages", "")
+                    if (name, block, warps, stages) in seen:
                         continue
-                    seen.add(key)
+                    seen.add((name, block, warps, stages))
                     facts = machine_code_facts(compile_launch(launch))
                     rows.append({"d": d, "f": f, "experts": experts, "tokens": n_tokens, "kernel": name, "block": block, "num_warps": warps,
-                                 "grid": list(launch.grid), **facts})
+                                 "num_stages": stages, "grid": list(launch.grid), **facts})
                     log.info("%s", rows[-1])
     return rows
 
@@ -160,15 +163,16 @@ def report(rows: list[dict]) -> str:
         f"Compiled {datetime.date.today()} for sm_90 by `benchmarks/decode_sass.py` with Triton {triton.__version__} on a machine "
         "without a GPU (arguments specialised as Triton's JIT does on a GPU). Registers, stack bytes (> 0: spills), shared memory "
         "bytes, and the global loads, stores and matrix instructions of the machine code with how many times each appears "
-        "(static counts, not executions). Block = BLOCK_M×BLOCK_D (up) or BLOCK_D×BLOCK_M (down). bf16 weights, gated SiLU, "
+        "(static counts, not executions). Block = BLOCK_M×BLOCK_D (up) or BLOCK_D×BLOCK_M (down); stages = depth of the software "
+        "pipeline of weight loads (the score kernel has none). bf16 weights, gated SiLU, "
         "expert width f/E padded to 64; T tokens (T = 1 makes n_tokens a compile-time constant, as the JIT does).",
         "",
-        "| d × f, E | T | kernel | block | warps | grid | registers | stack | shared | instructions |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| d × f, E | T | kernel | block | warps | stages | grid | registers | stack | shared | instructions |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         census = ", ".join(f"{name} ×{count}" for name, count in sorted(r["instructions"].items()))
-        lines.append(f"| {r['d']}×{r['f']}, E={r['experts']} | {r['tokens']} | {r['kernel']} | {r['block']} | {r['num_warps']} | "
+        lines.append(f"| {r['d']}×{r['f']}, E={r['experts']} | {r['tokens']} | {r['kernel']} | {r['block']} | {r['num_warps']} | {r['num_stages']} | "
                      f"{r['grid']} | {r['registers']} | {r['stack']} | {r['shared']} | {census} |")
     return "\n".join(lines) + "\n"
 

@@ -18,9 +18,9 @@ What it measures (DESIGN.md "Metrics", GPU line), every figure in one run on one
             then converted in place to MoE (E=16, k=4; random partition and router) with `metanet.moe.convert`:
             transformers' generate, and the decode steps alone with a static KV cache, each step one
             CUDA-graph replay (the serving setting, without host launch costs).
-  --tune    block sizes and warps of the decode kernels (`metanet.kernels.decode.decode_output`) at T=1 and
-            T=4 for d=4096, f=14336, E=16: up blocks with the default down blocks, then down blocks with the
-            best up blocks, per warp count.
+  --tune    the tiling of the decode kernels (`metanet.kernels.decode.Tiling`) at T=1 and T=4 for d=4096,
+            f=14336, E=16: up blocks and warps with the default down blocks, then down blocks with the best
+            of those, then software-pipeline depths (num_stages) with the best blocks.
 
 Routing. "trace" replays `benchmarks/results/routing-trace.safetensors` (`--trace` rebuilds it on the CPU):
 the experts that the data-free metanetwork partition (`make_partition(..., "metanet", ...)` with its own
@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import json
 import logging
 import math
@@ -63,7 +62,7 @@ import platform
 import statistics
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -120,6 +119,7 @@ class Sizes:
     tune_up: tuple[tuple[int, int], ...]  # (BLOCK_M, BLOCK_D) of the up kernel
     tune_down: tuple[tuple[int, int], ...]  # (BLOCK_D, BLOCK_M) of the down kernel
     tune_warps: tuple[int, ...]
+    tune_stages: tuple[int, ...]  # software-pipeline depths of the up and down kernels
     tune_tokens: tuple[int, ...]
     e2e_heads: int
     e2e_kv_heads: int
@@ -135,13 +135,13 @@ GPU_SIZES = Sizes(
     calls=32, repeats=5, reference_max_tokens=64,
     tune_up=tuple((m, d) for m in (16, 32, 64) for d in (64, 128, 256)),
     tune_down=tuple((d, m) for d in (16, 32, 64, 128) for m in (64, 128, 256)),  # BLOCK_D 16: 256 programs at d=4096
-    tune_warps=(4, 8), tune_tokens=(1, 4),
+    tune_warps=(4, 8), tune_stages=(2, 3, 4, 5), tune_tokens=(1, 4),
     e2e_heads=32, e2e_kv_heads=8, e2e_vocab=32000, e2e_prompt=16, e2e_new_tokens=128, e2e_batches=(1, 8), e2e_repeats=3,
 )
 SMOKE_SIZES = Sizes(
     d_model=64, d_ffs=(512,), experts=(16,), tokens=(1, 4, 64),
     calls=2, repeats=1, reference_max_tokens=64,
-    tune_up=((16, 64),), tune_down=((32, 32),), tune_warps=(4,), tune_tokens=(1,),
+    tune_up=((16, 64),), tune_down=((32, 32),), tune_warps=(4,), tune_stages=(2,), tune_tokens=(1,),
     e2e_heads=4, e2e_kv_heads=2, e2e_vocab=128, e2e_prompt=4, e2e_new_tokens=4, e2e_batches=(1, 2), e2e_repeats=1,
 )
 
@@ -411,17 +411,16 @@ def empty_cache(device: torch.device) -> None:
 
 # -- decode kernel tuning -------------------------------------------------------------------
 def tune(bench: Bench) -> None:
-    """Time decode_output over the block-size grid (module docstring); rows go to results["tune"]."""
-    from metanet.kernels.decode import decode_output
+    """Time decode_output over the tiling grid (module docstring); rows go to results["tune"]."""
+    from metanet.kernels.decode import Tiling, decode_output
 
     sizes, device, d, f, experts = bench.sizes, bench.device, bench.sizes.d_model, bench.sizes.d_ffs[0], 16
-    defaults = {name: p.default for name, p in inspect.signature(decode_output).parameters.items() if name in ("up_block", "down_block", "num_warps")}
     point = OperatingPoint(experts, experts // 4, 0)
     moes = [MoEFFN.from_layer(random_layer(d, f, device, bench.dtype, seed), random_partition(d, f, experts, seed), point, pad_to=PAD_TO).requires_grad_(False)
             for seed in range(WEIGHT_SETS)]
     generator = torch.Generator().manual_seed(0)
-    as_json = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
-    bench.results["tune"] = {"d": d, "f": f, "experts": experts, "defaults": as_json, "rows": []}
+    default = Tiling()
+    bench.results["tune"] = {"d": d, "f": f, "experts": experts, "defaults": tiling_json(default), "rows": []}
     for n_tokens in sizes.tune_tokens:
         masks = routing_masks(None, "uniform", point, n_tokens, generator)
         xs = [steered_input(moes[v % len(moes)], m.to(device), v, bench.dtype) for v, m in enumerate(masks)]
@@ -429,34 +428,40 @@ def tune(bench: Bench) -> None:
         reference = moes[0](xs[0])  # checks each configuration's output
         moes[0].kernel = "auto"
 
-        measured: dict[tuple, dict] = {}  # configuration → its row, so that none is timed twice
+        measured: dict[Tiling, dict] = {}  # tiling → its row, so that none is timed twice
 
-        def measure(up: tuple[int, int], down: tuple[int, int], warps: int) -> dict:
-            if (up, down, warps) in measured:
-                return measured[up, down, warps]
+        def measure(tiling: Tiling) -> dict:
+            if tiling in measured:
+                return measured[tiling]
 
-            def call(i: int) -> torch.Tensor:  # routes in its kernel, as the auto path does
-                return decode_output(moes[i % len(moes)], xs[i % len(xs)], None, up_block=up, down_block=down, num_warps=warps)
+            def call(i: int) -> torch.Tensor:  # routes in its kernels, as the auto path does
+                return decode_output(moes[i % len(moes)], xs[i % len(xs)], None, tiling)
 
             error = relative_error(call(0), reference)
             ms = per_call_ms(call, sizes.calls, sizes.repeats, device, graph=device.type == "cuda")
-            row = {"tokens": n_tokens, "up_block": list(up), "down_block": list(down), "num_warps": warps, "ms": ms, "rel_err": error}
+            row = {"tokens": n_tokens, **tiling_json(tiling), "ms": ms, "rel_err": error}
             bench.results["tune"]["rows"].append(row)
-            measured[up, down, warps] = row
-            log.info("tune T=%d up=%s down=%s warps=%d: %.4f ms (rel err %.1e)", n_tokens, up, down, warps, ms, error)
+            measured[tiling] = row
+            log.info("tune T=%d %s: %.4f ms (rel err %.1e)", n_tokens, tiling, ms, error)
             return row
 
-        label = f"tune T={n_tokens}"
-        default_down = tuple(defaults["down_block"])
-        default = bench.attempt(f"{label} defaults", lambda: measure(tuple(defaults["up_block"]), default_down, defaults["num_warps"]))
-        stage_one = [bench.attempt(f"{label} up={up} warps={w}", lambda: measure(up, default_down, w)) for w in sizes.tune_warps for up in sizes.tune_up]
-        best_up = min((r for r in stage_one if r is not None), key=lambda r: r["ms"], default=default)
-        if best_up is not None:
-            for down in sizes.tune_down:
-                bench.attempt(f"{label} down={down}", lambda: measure(tuple(best_up["up_block"]), down, best_up["num_warps"]))
+        def best_of(tilings: list[Tiling], incumbent: Tiling) -> Tiling:
+            """The fastest of `tilings` that ran, else the incumbent."""
+            timed = [(row["ms"], tiling) for tiling in tilings if (row := bench.attempt(f"tune T={n_tokens} {tiling}", lambda: measure(tiling)))]
+            return min(timed, key=lambda pair: pair[0], default=(None, incumbent))[1]
+
+        best = best_of([default], default)
+        best = best_of([replace(best, up_block=up, num_warps=w) for w in sizes.tune_warps for up in sizes.tune_up], best)
+        best = best_of([replace(best, down_block=down) for down in sizes.tune_down], best)
+        best_of([replace(best, num_stages=stages) for stages in sizes.tune_stages], best)
         bench.save()
     del moes
     empty_cache(device)
+
+
+def tiling_json(tiling) -> dict:
+    """A decode Tiling as JSON fields (lists for the blocks)."""
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(tiling).items()}
 
 
 # -- end to end -----------------------------------------------------------------------------
@@ -660,20 +665,21 @@ def tune_section(tune_results: dict | None, timing: str) -> list[str]:
     if not tune_results or not tune_results["rows"]:
         return []
     defaults = tune_results["defaults"]
+    fields = list(defaults)  # up_block, down_block, num_warps, num_stages
     lines = ["## Decode kernel tuning", "",
-             f"`decode_output` (routing in its kernel) on d={tune_results['d']}, f={tune_results['f']}, E={tune_results['experts']}, "
-             f"uniform routing, {timing}; "
-             f"defaults up_block={defaults['up_block']}, down_block={defaults['down_block']}, num_warps={defaults['num_warps']}. "
-             "Up blocks are swept with the default down blocks, then down blocks with the best up blocks and warps.", "",
-             "| T | default ms | best ms | best up_block | best down_block | best num_warps | gain | rel. error |", "|---|---|---|---|---|---|---|---|"]
+             f"`decode_output` (routing in its kernels) on d={tune_results['d']}, f={tune_results['f']}, E={tune_results['experts']}, "
+             f"uniform routing, {timing}; defaults " + ", ".join(f"{k}={defaults[k]}" for k in fields) + ". "
+             "Up blocks and warps are swept with the default down blocks, then down blocks with the best of those, "
+             "then pipeline depths with the best blocks.", "",
+             "| T | default ms | best ms | " + " | ".join(f"best {k}" for k in fields) + " | gain | rel. error |",
+             "|---|---|---|" + "---|" * len(fields) + "---|---|"]
     for n_tokens in dict.fromkeys(r["tokens"] for r in tune_results["rows"]):
         mine = [r for r in tune_results["rows"] if r["tokens"] == n_tokens]
-        configuration = lambda r: (r["up_block"], r["down_block"], r["num_warps"])  # noqa: E731
-        default = next((r for r in mine if configuration(r) == configuration(defaults)), None)
+        default = next((r for r in mine if all(r[k] == defaults[k] for k in fields)), None)
         best = min(mine, key=lambda r: r["ms"])
         gain = None if default is None else default["ms"] / best["ms"]
-        lines.append(f"| {n_tokens} | {fmt(default and default['ms'], 4)} | {best['ms']:.4f} | {best['up_block']} | {best['down_block']} | {best['num_warps']} | "
-                     f"{speedup(gain)} | {best['rel_err']:.1e} |")
+        lines.append(f"| {n_tokens} | {fmt(default and default['ms'], 4)} | {best['ms']:.4f} | " + " | ".join(str(best[k]) for k in fields)
+                     + f" | {speedup(gain)} | {best['rel_err']:.1e} |")
     return lines + ["", f"All {len(tune_results['rows'])} configurations are in the JSON (`tune.rows`).", ""]
 
 

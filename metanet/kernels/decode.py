@@ -1,18 +1,25 @@
 """Decode path (T ≤ 4 tokens): three Triton kernels that read only the selected experts' weights.
 
 No sort and no host synchronisation (so a decode step can be captured in a CUDA graph),
-and no other launch: the expert selection, the activation, b_out and the cast to the
-output dtype are fused into the three kernels.
+and no other launch: the router, the expert selection, the activation, b_out and the cast
+to the output dtype are fused into the three kernels.
 
-    route grid (T,):          s = x_t·W_rᵀ + b_r;  expert e selected iff e < s_shared, or e is
-                              routed and fewer than k − s_shared routed experts beat it
-                              (higher score, or equal score and lower index)   [skipped when the mask is given]
-    up    grid (E, ⌈m/BM⌉):   H[t, e, rows] = act(W_in[e, rows]·x_t + b_in[e, rows]) ⊙ (W_gate[e, rows]·x_t)
+    score grid (E,):          s[t, e] = x_t·W_r[e] + b_r[e] for every token   [skipped when the mask is given]
+    up    grid (E, ⌈m/BM⌉):   use[t, e] = 1 iff e < s_shared, or e is routed and fewer than k − s_shared
+                              routed experts beat it (higher score, or equal score and lower index);
+                              read from the mask when given, else ranked from s and written by program (e, 0)
+                              H[t, e, rows] = act(W_in[e, rows]·x_t + b_in[e, rows]) ⊙ (W_gate[e, rows]·x_t)
                               for the tokens t that selected e, 0 for the others; a program whose
                               expert no token selected returns at once
     down  grid (⌈d/BD⌉,):     y[t, cols] = Σ_{e selected by any token} W_out[e, cols, :] · H[t, e, :] + b_out[cols]
+                              (the union of the tokens' experts is read from `use` in one load, and
+                              one software pipeline runs over all its experts' neuron blocks)
 
 The weights read are those of the union of the tokens' experts: k experts' worth at T = 1.
+Latency, not bandwidth, is what a decode kernel loses time to, so: the router runs on E
+programs at once, each with all of its row's loads in flight (one program streaming W_r block
+by block waits on memory once per block: ~32 round trips at d=4096); the down kernel neither
+waits on one load per expert to learn whether it is selected nor restarts its pipeline per expert.
 Tokens are padded to 16 rows so that each block product is one `tl.dot`; weights are
 loaded in their own dtype (the bytes that bound decode time) and multiplied in float32.
 Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (set before this module
@@ -36,6 +43,9 @@ if TYPE_CHECKING:
 
 #: Token rows of a block product (tl.dot needs ≥ 16).
 _TOKEN_ROWS = 16
+#: The score kernel reads d in blocks of at most this many columns with this many warps: a single
+#: block at d ≤ 4096 puts all of a router row's loads in flight at once (64 registers of x at T = 4).
+SCORE_BLOCK_D, SCORE_WARPS = 4096, 8
 
 
 @triton.jit
@@ -54,41 +64,56 @@ def _activation(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _route_kernel(
-    x_ptr, router_weight_ptr, router_bias_ptr, use_ptr,
-    n_experts, d_model, shared, routed_active,
-    EXPERT_LANES: tl.constexpr, BLOCK_D: tl.constexpr,
+def _score_kernel(
+    x_ptr, router_weight_ptr, router_bias_ptr, scores_ptr,
+    n_tokens, n_experts, d_model,
+    TOKEN_LANES: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    token = tl.program_id(0)
+    expert = tl.program_id(0)
+    tokens = tl.arange(0, TOKEN_LANES)  # [TL] ≥ T, a power of two
+    is_token = tokens < n_tokens
+    scores = tl.zeros((TOKEN_LANES,), dtype=tl.float32)
+    for start in range(0, d_model, BLOCK_D):  # one pass when d ≤ BLOCK_D: every load in flight at once
+        cols = start + tl.arange(0, BLOCK_D)  # [BD]
+        w = tl.load(router_weight_ptr + expert * d_model + cols, mask=cols < d_model, other=0.0).to(tl.float32)  # [BD]
+        x = tl.load(x_ptr + tokens[:, None] * d_model + cols[None, :],
+                    mask=is_token[:, None] & (cols[None, :] < d_model), other=0.0).to(tl.float32)  # [TL, BD]
+        scores += tl.sum(x * w[None, :], axis=1)
+    scores += tl.load(router_bias_ptr + expert).to(tl.float32)
+    tl.store(scores_ptr + tokens * n_experts + expert, scores, mask=is_token)
+
+
+@triton.jit
+def _selects(scores_ptr, expert, tokens, is_token, n_experts, shared, routed_active, EXPERT_LANES: tl.constexpr):
+    """[rows] 1 where token t selects `expert`: e < s_shared, or e routed with fewer than k − s_shared routed experts
+    beating it (a higher score, or an equal score and a lower index)."""
     experts = tl.arange(0, EXPERT_LANES)  # [EL] ≥ E, a power of two
-    is_expert = experts < n_experts
-    scores = tl.zeros((EXPERT_LANES,), dtype=tl.float32)
-    for start in range(0, d_model, BLOCK_D):
-        cols = start + tl.arange(0, BLOCK_D)
-        x = tl.load(x_ptr + token * d_model + cols, mask=cols < d_model, other=0.0).to(tl.float32)  # [BD]
-        w = tl.load(router_weight_ptr + experts[:, None] * d_model + cols[None, :],
-                    mask=is_expert[:, None] & (cols[None, :] < d_model), other=0.0).to(tl.float32)  # [EL, BD]
-        scores += tl.sum(w * x[None, :], axis=1)
-    scores += tl.load(router_bias_ptr + experts, mask=is_expert, other=0.0).to(tl.float32)
-    routed = is_expert & (experts >= shared)
-    # beats[i, j]: routed expert j ranks above expert i
-    beats = routed[None, :] & ((scores[None, :] > scores[:, None]) | ((scores[None, :] == scores[:, None]) & (experts[None, :] < experts[:, None])))
-    rank = tl.sum(beats.to(tl.int32), axis=1)  # [EL] routed experts ranked above each expert
-    selected = (is_expert & (experts < shared)) | (routed & (rank < routed_active))
-    tl.store(use_ptr + token * n_experts + experts, selected.to(tl.uint8), mask=is_expert)
+    routed = (experts >= shared) & (experts < n_experts)
+    scores = tl.load(scores_ptr + tokens[:, None] * n_experts + experts[None, :],
+                     mask=is_token[:, None] & routed[None, :], other=0.0)  # [rows, EL]
+    mine = tl.load(scores_ptr + tokens * n_experts + expert, mask=is_token, other=0.0)  # [rows]
+    beats = routed[None, :] & ((scores > mine[:, None]) | ((scores == mine[:, None]) & (experts[None, :] < expert)))
+    rank = tl.sum(beats.to(tl.int32), axis=1)  # [rows] routed experts ranked above this one
+    return (is_token & ((expert < shared) | (rank < routed_active))).to(tl.int32)
 
 
 @triton.jit
 def _up_kernel(
-    x_ptr, use_ptr, w_in_ptr, w_gate_ptr, b_in_ptr, h_ptr,
-    n_tokens, n_experts, width, d_model,
+    x_ptr, scores_ptr, use_ptr, w_in_ptr, w_gate_ptr, b_in_ptr, h_ptr,
+    n_tokens, n_experts, width, d_model, shared, routed_active,
+    ROUTE: tl.constexpr, EXPERT_LANES: tl.constexpr,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
     TOKEN_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     expert = tl.program_id(0)
     tokens = tl.arange(0, TOKEN_ROWS)  # [16]
     is_token = tokens < n_tokens
-    use = tl.load(use_ptr + tokens * n_experts + expert, mask=is_token, other=0).to(tl.int32)  # [16] 1 where token t selected this expert
+    if ROUTE:
+        use = _selects(scores_ptr, expert, tokens, is_token, n_experts, shared, routed_active, EXPERT_LANES)  # [16]
+        if tl.program_id(1) == 0:
+            tl.store(use_ptr + tokens * n_experts + expert, use.to(tl.uint8), mask=is_token)  # for the down kernel
+    else:
+        use = tl.load(use_ptr + tokens * n_experts + expert, mask=is_token, other=0).to(tl.int32)  # [16] 1 where token t selected this expert
     if tl.max(use, axis=0) > 0:
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] neurons of this expert
         expert_offset = expert.to(tl.int64) * width * d_model
@@ -119,27 +144,41 @@ def _up_kernel(
 def _down_kernel(
     h_ptr, use_ptr, w_out_ptr, b_out_ptr, y_ptr,
     n_tokens, n_experts, width, d_model,
-    HAS_BIAS: tl.constexpr, TOKEN_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EXPERT_LANES: tl.constexpr, TOKEN_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     tokens = tl.arange(0, TOKEN_ROWS)
     is_token = tokens < n_tokens
+    experts = tl.arange(0, EXPERT_LANES)
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD] output coordinates
+    use = tl.load(use_ptr + tokens[:, None] * n_experts + experts[None, :],
+                  mask=is_token[:, None] & (experts[None, :] < n_experts), other=0).to(tl.int32)  # [16, EL]
+    in_union = tl.max(use, axis=0)  # [EL] 1 where any token selected the expert
+    slot = tl.cumsum(in_union, axis=0) - 1  # [EL] place of each union expert among them, in index order
     acc = tl.zeros((TOKEN_ROWS, BLOCK_D), dtype=tl.float32)
-    for expert in range(n_experts):
-        use = tl.load(use_ptr + tokens * n_experts + expert, mask=is_token, other=0).to(tl.int32)
-        if tl.max(use, axis=0) > 0:
-            expert_offset = tl.cast(expert, tl.int64) * d_model * width
-            for start in range(0, width, BLOCK_M):
-                neurons = start + tl.arange(0, BLOCK_M)  # [BM]
-                h = tl.load(h_ptr + tokens[:, None] * n_experts * width + expert * width + neurons[None, :],
-                            mask=is_token[:, None] & (neurons[None, :] < width), other=0.0)  # [16, BM]
-                w = tl.load(w_out_ptr + expert_offset + cols[:, None] * width + neurons[None, :],
-                            mask=(cols[:, None] < d_model) & (neurons[None, :] < width), other=0.0).to(tl.float32)  # [BD, BM]
-                acc = tl.dot(h, tl.trans(w), acc)  # [16, BD]
+    blocks = tl.cdiv(width, BLOCK_M)  # neuron blocks per expert
+    for i in range(tl.sum(in_union, axis=0) * blocks):  # one software pipeline across the union's experts
+        expert = tl.max(tl.where((in_union > 0) & (slot == i // blocks), experts, 0), axis=0)  # of the union's (i // blocks)-th expert
+        neurons = (i % blocks) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+        h = tl.load(h_ptr + tokens[:, None] * n_experts * width + expert * width + neurons[None, :],
+                    mask=is_token[:, None] & (neurons[None, :] < width), other=0.0)  # [16, BM]
+        w = tl.load(w_out_ptr + expert.to(tl.int64) * d_model * width + cols[:, None] * width + neurons[None, :],
+                    mask=(cols[:, None] < d_model) & (neurons[None, :] < width), other=0.0).to(tl.float32)  # [BD, BM]
+        acc = tl.dot(h, tl.trans(w), acc)  # [16, BD]
     if HAS_BIAS:
         acc += tl.load(b_out_ptr + cols, mask=cols < d_model, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + tokens[:, None] * d_model + cols[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=is_token[:, None] & (cols[None, :] < d_model))
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Block sizes and launch options of the up and down kernels (powers of two ≥ 16);
+    benchmarks/moe_kernels.py --tune measures them on a GPU."""
+
+    up_block: tuple[int, int] = (32, 128)  # (BLOCK_M neurons, BLOCK_D inputs) of the up kernel
+    down_block: tuple[int, int] = (32, 128)  # (BLOCK_D outputs, BLOCK_M neurons) of the down kernel
+    num_warps: int = 4
+    num_stages: int = 3  # weight blocks in flight per program: the software pipeline's depth
 
 
 @dataclass(frozen=True)
@@ -151,15 +190,10 @@ class Launch:
     arguments: dict
 
 
-def decode_output(
-    ffn: MoEFFN, tokens: torch.Tensor, mask: torch.Tensor | None = None,
-    up_block: tuple[int, int] = (32, 128), down_block: tuple[int, int] = (32, 128), num_warps: int = 4,
-) -> torch.Tensor:
+def decode_output(ffn: MoEFFN, tokens: torch.Tensor, mask: torch.Tensor | None = None, tiling: Tiling = Tiling()) -> torch.Tensor:
     """y = Σ_e mask[t, e] · y_e(x_t) + b_out in the tokens' dtype, for at most MAX_TOKENS tokens.
 
     tokens: [T, d], mask: bool [T, E], or None for the router's own selection → y: [T, d]
-    up_block = (BLOCK_M, BLOCK_D) of the up kernel, down_block = (BLOCK_D, BLOCK_M) of the
-    down kernel (powers of two ≥ 16); benchmarks/moe_kernels.py --tune measures them.
     """
     n_tokens, d = tokens.shape
     n_experts, width, _ = ffn.w_in.shape
@@ -167,44 +201,58 @@ def decode_output(
         raise MetanetError(f"the decode kernel takes at most {MAX_TOKENS} tokens, got {n_tokens}")
     x = _plain(tokens).contiguous()
     if mask is None:
-        use = torch.empty((n_tokens, n_experts), dtype=torch.uint8, device=x.device)  # [T, E] 1 = selected, written by the route kernel
+        use = torch.empty((n_tokens, n_experts), dtype=torch.uint8, device=x.device)  # [T, E] 1 = selected, written by the up kernel
+        scores = torch.empty((n_tokens, n_experts), dtype=torch.float32, device=x.device)  # [T, E] written by the score kernel
     else:
         use = mask.contiguous().view(torch.uint8)  # [T, E] the bool mask's bytes, no copy
+        scores = None
     h = torch.empty((n_tokens, n_experts, width), dtype=torch.float32, device=x.device)  # read only where use = 1
     y = torch.empty((n_tokens, d), dtype=tokens.dtype, device=x.device)
-    for launch in launches(ffn, x, use, h, y, mask is None, up_block, down_block, num_warps):
+    for launch in launches(ffn, x, scores, use, h, y, tiling):
         launch.kernel[launch.grid](**launch.arguments)
     return y
 
 
 def launches(
-    ffn: MoEFFN, x: torch.Tensor, use: torch.Tensor, h: torch.Tensor, y: torch.Tensor, route: bool,
-    up_block: tuple[int, int], down_block: tuple[int, int], num_warps: int,
+    ffn: MoEFFN, x: torch.Tensor, scores: torch.Tensor | None, use: torch.Tensor, h: torch.Tensor, y: torch.Tensor, tiling: Tiling,
 ) -> list[Launch]:
-    """The launches of one decode call (route only when `route`), for decode_output and for compiling
-    them ahead of time (benchmarks/decode_sass.py).   x: [T, d], use: uint8 [T, E], h: float32 [T, E, m], y: [T, d]"""
+    """The launches of one decode call, for decode_output and for compiling them ahead of time (benchmarks/decode_sass.py).
+    x: [T, d], scores: float32 [T, E] (None: `use` holds the mask, so no routing), use: uint8 [T, E], h: float32 [T, E, m], y: [T, d]"""
     n_tokens, d = x.shape
     n_experts, width, _ = ffn.w_in.shape
     w_in, w_gate, b_in, w_out, b_out = (None if t is None else _plain(t) for t in (ffn.w_in, ffn.w_gate, ffn.b_in, ffn.w_out, ffn.b_out))
     shape = {"n_tokens": n_tokens, "n_experts": n_experts, "width": width, "d_model": d}
-    block_m, block_d = up_block
-    calls = [] if not route else [Launch(_route_kernel, (n_tokens,), {
-        "x_ptr": x, "router_weight_ptr": _plain(ffn.router_weight), "router_bias_ptr": _plain(ffn.router_bias), "use_ptr": use,
-        "n_experts": n_experts, "d_model": d, "shared": ffn.point.shared, "routed_active": ffn.point.routed_active,
-        "EXPERT_LANES": max(16, triton.next_power_of_2(n_experts)), "BLOCK_D": 128, "num_warps": num_warps,
+    lanes = max(16, _power_of_two(n_experts))
+    options = {"num_warps": tiling.num_warps, "num_stages": tiling.num_stages}
+    route = scores is not None
+    calls = [] if not route else [Launch(_score_kernel, (n_experts,), {
+        "x_ptr": x, "router_weight_ptr": _plain(ffn.router_weight), "router_bias_ptr": _plain(ffn.router_bias), "scores_ptr": scores,
+        "n_tokens": n_tokens, "n_experts": n_experts, "d_model": d,
+        "TOKEN_LANES": _power_of_two(MAX_TOKENS), "BLOCK_D": min(SCORE_BLOCK_D, _power_of_two(d)), "num_warps": SCORE_WARPS,
     })]
-    calls.append(Launch(_up_kernel, (n_experts, triton.cdiv(width, block_m)), {
-        "x_ptr": x, "use_ptr": use, "w_in_ptr": w_in, "w_gate_ptr": w_in if w_gate is None else w_gate,
-        "b_in_ptr": w_in if b_in is None else b_in, "h_ptr": h, **shape,
-        "ACTIVATION": ffn.activation, "GATED": w_gate is not None, "HAS_BIAS": b_in is not None,
-        "TOKEN_ROWS": _TOKEN_ROWS, "BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": num_warps,
+    block_m, block_d = tiling.up_block
+    calls.append(Launch(_up_kernel, (n_experts, _ceil_div(width, block_m)), {
+        "x_ptr": x, "scores_ptr": scores if route else use, "use_ptr": use, "w_in_ptr": w_in, "w_gate_ptr": w_in if w_gate is None else w_gate,
+        "b_in_ptr": w_in if b_in is None else b_in, "h_ptr": h, **shape, "shared": ffn.point.shared, "routed_active": ffn.point.routed_active,
+        "ROUTE": route, "EXPERT_LANES": lanes, "ACTIVATION": ffn.activation, "GATED": w_gate is not None, "HAS_BIAS": b_in is not None,
+        "TOKEN_ROWS": _TOKEN_ROWS, "BLOCK_M": block_m, "BLOCK_D": block_d, **options,
     }))
-    block_d, block_m = down_block
-    calls.append(Launch(_down_kernel, (triton.cdiv(d, block_d),), {
+    block_d, block_m = tiling.down_block
+    calls.append(Launch(_down_kernel, (_ceil_div(d, block_d),), {
         "h_ptr": h, "use_ptr": use, "w_out_ptr": w_out, "b_out_ptr": w_out if b_out is None else b_out, "y_ptr": y, **shape,
-        "HAS_BIAS": b_out is not None, "TOKEN_ROWS": _TOKEN_ROWS, "BLOCK_D": block_d, "BLOCK_M": block_m, "num_warps": num_warps,
+        "HAS_BIAS": b_out is not None, "EXPERT_LANES": lanes, "TOKEN_ROWS": _TOKEN_ROWS, "BLOCK_D": block_d, "BLOCK_M": block_m, **options,
     }))
     return calls
+
+
+def _power_of_two(n: int) -> int:
+    """The least power of two ≥ n (triton.next_power_of_2 costs ~1.5 µs a call: this runs on every decode call)."""
+    return 1 << (n - 1).bit_length()
+
+
+def _ceil_div(a: int, b: int) -> int:
+    """⌈a / b⌉ (triton.cdiv's cost, as above)."""
+    return -(-a // b)
 
 
 def _plain(tensor: torch.Tensor) -> torch.Tensor:
