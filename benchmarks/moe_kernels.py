@@ -11,7 +11,7 @@ What it measures (DESIGN.md "Metrics", GPU line), every figure in one run on one
             At T=1 the fraction of the memory-bandwidth limit: the bytes the call must read (k experts ×
             3 projections × padded width × d × 2 bytes, plus the router) / time, over the device's nominal
             peak and over a measured device-to-device copy.
-  --paths   every path forced as well: decode (T ≤ 4), grouped, dense, reference (T ≤ 64), each
+  --paths   every path forced as well: decode (T ≤ 16), grouped, dense, reference (T ≤ 64), each
             checked against the reference path (relative error).
   --e2e     greedy decode tokens/s of a random-weight LLaMA (d=4096, f=14336, 32 heads / 8 KV heads,
             --e2e-layers blocks, vocab 32000), 16-token prompt, 128 new tokens, batch 1 and 8; dense,
@@ -36,7 +36,7 @@ Timing. Each measurement runs 32 calls back to back (16 for T ≥ 2048), cycling
 variants (different masks and inputs) and 4 independent weight sets (as consecutive layers of a model:
 no call finds its weights in L2), after one untimed warm-up pass; CUDA events around the pass, median of
 5 passes, per call. Calls are queued without synchronisation, so a call costs the larger of its GPU
-time and its host launch time, as in an eager model forward; the "graph" columns (T ≤ 4, where the auto
+time and its host launch time, as in an eager model forward; the "graph" columns (T ≤ 16, where the auto
 path never synchronises with the host) replay the same pass as one CUDA graph: GPU time only.
 All under torch.inference_mode().
 
@@ -71,6 +71,7 @@ import torch
 from metanet.checkpoints import FFNLayer
 from metanet.eval.speed import decode_steps_speed, model_speed, per_call_ms
 from metanet.kernels import choose_path
+from metanet.kernels.dispatch import DECODE_MAX_TOKENS  # the auto path is decode up to here: no host synchronisation, so a CUDA graph can replay it
 from metanet.moe.module import MoEFFN
 from metanet.partition.partition import LayerPartition, OperatingPoint, Partition
 
@@ -85,7 +86,6 @@ TRACE_EXPERTS = (16, 32)
 
 ROUTINGS = ("trace", "uniform")
 DECODE_BATCH_MAX = 8  # calls of at most this many tokens are decode batches: one token per sequence
-GRAPH_MAX_TOKENS = 4  # the auto path is decode up to here: no host synchronisation, so a CUDA graph can replay it
 PAD_TO = 64  # expert width padding, as in the MoE checkpoint
 VARIANTS = 16  # routing masks and inputs per measurement
 WEIGHT_SETS = 4  # independent copies of each layer the calls rotate through
@@ -348,7 +348,7 @@ def measure_row(bench: Bench, label: str, dense: list[FFNLayer], moes: list[MoEF
     row["dense_ms"] = bench.attempt(f"dense {label}", lambda: per_call_ms(dense_call, calls, repeats, device))
     row["moe_ms"] = bench.attempt(f"moe {label}", lambda: per_call_ms(moe_call, calls, repeats, device))
     row["speedup"] = ratio(row["dense_ms"], row["moe_ms"])
-    if device.type == "cuda" and n_tokens <= GRAPH_MAX_TOKENS:
+    if device.type == "cuda" and n_tokens <= DECODE_MAX_TOKENS:
         row["dense_graph_ms"] = bench.attempt(f"dense graph {label}", lambda: per_call_ms(dense_call, calls, repeats, device, graph=True))
         row["moe_graph_ms"] = bench.attempt(f"moe graph {label}", lambda: per_call_ms(moe_call, calls, repeats, device, graph=True))
         row["graph_speedup"] = ratio(row["dense_graph_ms"], row["moe_graph_ms"])
@@ -367,7 +367,7 @@ def measure_row(bench: Bench, label: str, dense: list[FFNLayer], moes: list[MoEF
 
 def forced_paths(n_tokens: int, sizes: Sizes, decode_runs: bool) -> list[str]:
     names = ["grouped", "dense"]
-    if decode_runs and n_tokens <= GRAPH_MAX_TOKENS:
+    if decode_runs and n_tokens <= DECODE_MAX_TOKENS:
         names.insert(0, "decode")
     if n_tokens <= sizes.reference_max_tokens:
         names.append("reference")
@@ -588,7 +588,7 @@ def report(results: dict) -> str:
         "\"uniform\": k experts per token uniformly at random.",
         f"- Timing: {results['sizes']['calls']} calls back to back per pass (half from T={LARGE_T}), cycling {VARIANTS} routing variants and "
         f"{WEIGHT_SETS} weight sets (no L2 reuse), median of {results['sizes']['repeats']} passes, per call, after a warm-up pass. Eager: calls queued without "
-        "synchronisation (a call costs max(GPU time, host launch time)). Graph (T ≤ 4): the same pass replayed as one CUDA graph (GPU time only). "
+        f"synchronisation (a call costs max(GPU time, host launch time)). Graph (T ≤ {DECODE_MAX_TOKENS}): the same pass replayed as one CUDA graph (GPU time only). "
         "speed-up = dense ms / MoE ms; > 1 means the MoE is faster.",
         "",
     ]

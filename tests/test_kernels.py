@@ -42,7 +42,7 @@ def moe_layer(tiny, active: int, pad_to: int = 1, seed: int = 0):
 
 
 def paths_for(n_tokens: int) -> list[str]:
-    """Every path that takes n_tokens tokens here (decode: at most 4, and Triton needed)."""
+    """Every path that takes n_tokens tokens here (decode: at most 16, and Triton needed)."""
     return [p for p in PATHS if p != "decode" or (n_tokens <= DECODE_MAX_TOKENS and HAS_TRITON)]
 
 
@@ -52,7 +52,7 @@ def device_tokens(n_tokens: int, d: int, seed: int, device: str = "cpu") -> torc
 
 @pytest.mark.parametrize("model_type,activation", FAMILIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n_tokens", [1, 3, 40])
+@pytest.mark.parametrize("n_tokens", [1, 3, 11, 40])
 def test_every_path_equals_the_float32_reference(tiny_models, model_type, activation, dtype, n_tokens):
     tiny = tiny_models[model_type]
     layer, lp, moe = moe_layer(tiny, active=3, seed=n_tokens)
@@ -113,8 +113,8 @@ def test_decode_routes_inside_its_kernel_as_the_router_does(tiny_models, model_t
     point = make_point(tiny.d_ff, active=4, shared=shared)
     lp = random_partition([layer], point, seed=7).layers[0]
     moe = MoEFFN.from_layer(layer, lp, point)
-    for seed in range(5):
-        x = device_tokens(DECODE_MAX_TOKENS, tiny.d_model, seed=seed)
+    for seed, n_tokens in enumerate((1, 2, 4, 7, DECODE_MAX_TOKENS)):
+        x = device_tokens(n_tokens, tiny.d_model, seed=seed)
         expected = moe_forward(layer, lp.assign, moe.route(x), x)  # b_out included
         with torch.no_grad():
             torch.testing.assert_close(moe_output(moe, x, None, "decode"), expected, rtol=1e-5, atol=1e-5)
@@ -185,13 +185,18 @@ def test_cpu_calls_take_the_grouped_path_and_autograd_the_reference(tiny_models)
         assert choose_path(moe, x, routed) == "grouped"
 
 
+@needs_triton
 def test_cuda_path_choice_follows_token_count_and_expert_union():
     union_never_asked = lambda: pytest.fail("decode must choose without synchronising")  # noqa: E731
-    assert cuda_path(1, union_never_asked) == ("decode" if HAS_TRITON else "grouped")
-    assert cuda_path(DECODE_MAX_TOKENS, union_never_asked) == ("decode" if HAS_TRITON else "grouped")
+    assert cuda_path(1, union_never_asked) == "decode"
+    assert cuda_path(DECODE_MAX_TOKENS, union_never_asked) == "decode"
     assert cuda_path(DECODE_MAX_TOKENS + 1, lambda: 1.0) == "dense"
     assert cuda_path(DENSE_MAX_TOKENS, lambda: DENSE_MIN_UNION - 0.01) == "grouped"
     assert cuda_path(DENSE_MAX_TOKENS + 1, lambda: 1.0) == "grouped"
+    # inside CUDA-graph capture nothing may synchronise: the same decode, dense beyond it
+    assert cuda_path(DECODE_MAX_TOKENS, union_never_asked, capturing=True) == "decode"
+    assert cuda_path(DECODE_MAX_TOKENS + 1, union_never_asked, capturing=True) == "dense"
+    assert cuda_path(DENSE_MAX_TOKENS + 1, union_never_asked, capturing=True) == "dense"
 
 
 def test_bad_paths_and_too_many_decode_tokens_are_clear_errors(tiny_models):
@@ -201,7 +206,7 @@ def test_bad_paths_and_too_many_decode_tokens_are_clear_errors(tiny_models):
     with pytest.raises(MetanetError, match="unknown MoE kernel path 'fast'; known: auto, reference"):
         moe_output(moe, x, None, "fast")
     if HAS_TRITON:
-        with pytest.raises(MetanetError, match="at most 4 tokens"):
+        with pytest.raises(MetanetError, match="at most 16 tokens, got 17"):
             moe_output(moe, x, None, "decode")
 
 
@@ -220,6 +225,26 @@ def test_cuda_bfloat16_default_path_is_within_one_percent_of_float32(tiny_models
         y = moe.forward_with_mask(x.to("cuda", torch.bfloat16), mask.cuda())
 
     assert relative(y.float().cpu(), expected) <= 1e-2
+
+
+@needs_cuda
+@pytest.mark.parametrize("n_tokens", [1, 8, 40])
+def test_cuda_graph_captures_the_default_path_and_replays_the_eager_result(tiny_models, n_tokens):
+    tiny = tiny_models["llama"]
+    _, _, moe = moe_layer(tiny, active=3, pad_to=64)
+    moe = moe.to("cuda", torch.bfloat16).requires_grad_(False)
+    x = device_tokens(n_tokens, tiny.d_model, seed=n_tokens, device="cuda").to(torch.bfloat16)
+    eager = moe(x)  # also compiles what the capture records (T = 40: dense in capture, chosen by the union here)
+    moe_output(moe, x, None, "dense")
+    torch.cuda.synchronize()
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # fails if the path synchronises with the host
+        captured = moe(x)
+    graph.replay()
+    torch.cuda.synchronize()
+
+    assert relative(captured.float(), eager.float()) <= 1e-2
 
 
 @needs_cuda

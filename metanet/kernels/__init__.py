@@ -1,10 +1,11 @@
 """Runtime paths of an MoEFFN: Σ_e mask[t, e] · y_e(x_t), computed four ways, chosen per call.
 
     reference  per expert: gather its tokens, three matmuls, index_add      (autograd; any device and dtype)
-    decode     Triton, T ≤ 4 tokens: reads only the selected experts' weights, no sort,
-               activation fused                                               (CUDA, or TRITON_INTERPRET=1)
+    decode     Triton, T ≤ 16 tokens: reads only the selected experts' weights, no sort,
+               routing and activation fused, no host sync                     (CUDA, or TRITON_INTERPRET=1)
     grouped    tokens sorted by expert, one grouped GEMM per projection     (CPU; on CUDA prefill and batches)
-    dense      the dense FFN over all experts with unselected neurons zeroed (the union covers most experts)
+    dense      the dense FFN over all experts with unselected neurons zeroed (the union covers most experts;
+               any T in CUDA-graph capture)
 
 `moe_output(ffn, tokens, mask)` runs one: an MoEFFN (its tensors, activation and
 operating point), tokens [T, d] and a boolean mask [T, E] (None: the router's selection)

@@ -1,4 +1,4 @@
-"""Decode path (T ≤ 4 tokens): three Triton kernels that read only the selected experts' weights.
+"""Decode path (T ≤ 16 tokens): three Triton kernels that read only the selected experts' weights.
 
 No sort and no host synchronisation (so a decode step can be captured in a CUDA graph),
 and no other launch: the router, the expert selection, the activation, b_out and the cast
@@ -41,11 +41,12 @@ from metanet.kernels.dispatch import DECODE_MAX_TOKENS as MAX_TOKENS  # most tok
 if TYPE_CHECKING:
     from metanet.moe.module import MoEFFN
 
-#: Token rows of a block product (tl.dot needs ≥ 16).
-_TOKEN_ROWS = 16
-#: The score kernel reads d in blocks of at most this many columns with this many warps: a single
-#: block at d ≤ 4096 puts all of a router row's loads in flight at once (64 registers of x at T = 4).
-SCORE_BLOCK_D, SCORE_WARPS = 4096, 8
+#: Token rows of a block product (tl.dot needs ≥ 16; a call takes at most this many tokens).
+_TOKEN_ROWS = MAX_TOKENS
+#: The score kernel holds at most SCORE_ELEMENTS of x (T' × BLOCK_D, T' = T rounded up to a power of two;
+#: 64 float32 registers a thread with SCORE_WARPS warps): blocks of 4096 columns for T ≤ 4, 1024 at T = 16.
+#: Where d fits one block, all of a router row's loads are in flight at once.
+SCORE_ELEMENTS, SCORE_WARPS = 16384, 8
 
 
 @triton.jit
@@ -225,10 +226,11 @@ def launches(
     lanes = max(16, _power_of_two(n_experts))
     options = {"num_warps": tiling.num_warps, "num_stages": tiling.num_stages}
     route = scores is not None
+    token_lanes = _power_of_two(n_tokens)
     calls = [] if not route else [Launch(_score_kernel, (n_experts,), {
         "x_ptr": x, "router_weight_ptr": _plain(ffn.router_weight), "router_bias_ptr": _plain(ffn.router_bias), "scores_ptr": scores,
         "n_tokens": n_tokens, "n_experts": n_experts, "d_model": d,
-        "TOKEN_LANES": _power_of_two(MAX_TOKENS), "BLOCK_D": min(SCORE_BLOCK_D, _power_of_two(d)), "num_warps": SCORE_WARPS,
+        "TOKEN_LANES": token_lanes, "BLOCK_D": min(SCORE_ELEMENTS // token_lanes, _power_of_two(d)), "num_warps": SCORE_WARPS,
     })]
     block_m, block_d = tiling.up_block
     calls.append(Launch(_up_kernel, (n_experts, _ceil_div(width, block_m)), {

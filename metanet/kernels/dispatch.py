@@ -2,10 +2,15 @@
 
     autograd needed                     → reference   (differentiable, any device)
     not on CUDA                         → grouped     (on CPU faster than reference at every T measured)
-    T ≤ 4 tokens                        → decode      (Triton; grouped when Triton is missing)
+    T ≤ DECODE_MAX_TOKENS and Triton    → decode      (reads the union of the tokens' experts)
+    inside CUDA-graph capture           → dense       (the union test and the grouped sort both synchronise)
     T ≤ DENSE_MAX_TOKENS and the union
     of selected experts ≥ DENSE_MIN_UNION of E → dense (bandwidth-bound: read every weight once, as dense does)
     otherwise                           → grouped     (k/E of the dense FLOPs)
+
+Nothing up to DECODE_MAX_TOKENS synchronises with the host, so a serving stack's decode step over a
+batch of up to 16 sequences can be captured in a CUDA graph; the path chosen for a T is the same in
+and out of capture (a warm-up call compiles the kernels that the capture then records).
 
 The CUDA thresholds are placeholders until benchmarks/moe_kernels.py --paths has run on a
 GPU: it times every path at every T, and they belong at the crossovers it shows.
@@ -26,7 +31,7 @@ if TYPE_CHECKING:
     from metanet.moe.module import MoEFFN
 
 PATHS = ("reference", "decode", "grouped", "dense")
-DECODE_MAX_TOKENS = 4  # most tokens one decode call takes
+DECODE_MAX_TOKENS = 16  # most tokens one decode call takes (the token rows of its block products), and where it is chosen
 #: The dense path's down projection writes and reads E partial sums [E, T, d] besides the weights: for a
 #: 4096×14336 layer at E = 16 that is 4.8% more bytes at T = 64, beyond which it could not stay within 5% of dense.
 DENSE_MAX_TOKENS = 64
@@ -45,13 +50,16 @@ def choose_path(ffn: MoEFFN, tokens: torch.Tensor, mask: Callable[[], torch.Tens
         return "reference"
     if tokens.device.type != "cuda":
         return "grouped"
-    return cuda_path(tokens.shape[0], lambda: mask().any(0).float().mean().item())
+    return cuda_path(tokens.shape[0], lambda: mask().any(0).float().mean().item(), torch.cuda.is_current_stream_capturing())
 
 
-def cuda_path(n_tokens: int, union_fraction: Callable[[], float]) -> str:
-    """The CUDA path for T = n_tokens; union_fraction() = share of experts any token selected (asked only if needed: it syncs)."""
-    if n_tokens <= DECODE_MAX_TOKENS:
-        return "decode" if triton_available() else "grouped"
+def cuda_path(n_tokens: int, union_fraction: Callable[[], float], capturing: bool = False) -> str:
+    """The CUDA path for T = n_tokens; union_fraction() = share of experts any token selected (asked only if needed: it syncs);
+    capturing: inside CUDA-graph capture, where nothing may synchronise."""
+    if n_tokens <= DECODE_MAX_TOKENS and triton_available():
+        return "decode"
+    if capturing:
+        return "dense"
     if n_tokens <= DENSE_MAX_TOKENS and union_fraction() >= DENSE_MIN_UNION:
         return "dense"
     return "grouped"
