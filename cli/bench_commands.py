@@ -53,7 +53,7 @@ def bench_command(
 
         result = measure_speed(moe_dir, counts, new_tokens, device, DTYPES.get(dtype), dense, corpus, progress=steps)
         for row in result["ffn"]:
-            log_metrics({"speedup": row["speedup"], "dense_ms": row["dense_ms"], "moe_ms": row["moe_ms"]}, prefix=f"T{row['tokens']}.")
+            log_metrics({key: value for key, value in row.items() if key not in ("tokens", "paths")}, prefix=f"T{row['tokens']}.")
         e2e = result["end_to_end"]
         log_metrics({"moe_tokens_per_s": e2e["moe"]["tokens_per_s"], **({"dense_tokens_per_s": e2e["dense"]["tokens_per_s"],
                      "e2e_speedup": e2e["speedup"]} if "dense" in e2e else {}),
@@ -66,10 +66,12 @@ def bench_command(
 
     table = Table(title=f"FFN time, all {result['layers']} layers: {moe_dir.name} (E={result['experts']}, k={result['active']}) "
                         f"on {result['device']}, {result['dtype']}")
-    for column in ("T", "dense ms", "MoE ms", "speed-up", "path"):
+    graphs = any("graph_speedup" in row for row in result["ffn"])  # CUDA, T ≤ 16: also replayed as CUDA graphs
+    for column in ("T", "dense ms", "MoE ms", "speed-up", *(("CUDA-graph speed-up",) if graphs else ()), "path"):
         table.add_column(column, justify="left" if column == "path" else "right")
     for row in result["ffn"]:
-        table.add_row(str(row["tokens"]), f"{row['dense_ms']:.3f}", f"{row['moe_ms']:.3f}", f"{row['speedup']:.2f}×",
+        graph_cell = (f"{row['graph_speedup']:.2f}×" if "graph_speedup" in row else "—",) if graphs else ()
+        table.add_row(str(row["tokens"]), f"{row['dense_ms']:.3f}", f"{row['moe_ms']:.3f}", f"{row['speedup']:.2f}×", *graph_cell,
                       _shares(row["paths"]))
     console.print(table)
     console.print(_summary_table(f"end to end: {e2e['kind']} {e2e['input_shape']}", {

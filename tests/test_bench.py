@@ -3,6 +3,7 @@
 import json
 
 import mlflow
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -33,10 +34,10 @@ def test_bench_times_every_layer_and_generation_against_the_dense_source_and_log
     moe_dir = applied(trained_lm, tmp_path / "moe")
     _, before = bench_runs()
 
-    result = runner.invoke(app, ["bench", str(moe_dir), "--tokens", "1,4", "--new-tokens", "4"])
+    result = runner.invoke(app, ["bench", str(moe_dir), "--tokens", "1,4", "--new-tokens", "4", "--device", "cpu"])
 
     assert result.exit_code == 0, result.output
-    assert "speed-up" in result.stdout and "grouped" in result.stdout  # the CPU path
+    assert "speed-up" in result.stdout and "grouped" in result.stdout and "CUDA-graph" not in result.stdout  # the CPU path
     client, runs = bench_runs()
     assert len(runs) == len(before) + 1
     run = runs[0]
@@ -44,12 +45,28 @@ def test_bench_times_every_layer_and_generation_against_the_dense_source_and_log
     for t in (1, 4):
         assert metrics[f"T{t}.dense_ms"] > 0 and metrics[f"T{t}.moe_ms"] > 0
         assert metrics[f"T{t}.speedup"] == metrics[f"T{t}.dense_ms"] / metrics[f"T{t}.moe_ms"]
+        assert f"T{t}.graph_speedup" not in metrics
     assert metrics["moe_tokens_per_s"] > 0 and metrics["dense_tokens_per_s"] > 0
     assert metrics["steps_speedup"] == metrics["moe_steps_tokens_per_s"] / metrics["dense_steps_tokens_per_s"]  # llama: comparable
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"bench.json", "speedup.png"}
     report = json.loads(open(client.download_artifacts(run.info.run_id, "bench.json", str(tmp_path))).read())
     assert report["layers"] == 2 and report["end_to_end"]["dense_source"] == str(trained_lm)
     assert [row["paths"] for row in report["ffn"]] == [{"grouped": 2 * 8}] * 2  # every call of both layers, CPU path
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_bench_on_cuda_also_times_decode_calls_as_cuda_graph_replays(trained_lm, tmp_path):
+    moe_dir = applied(trained_lm, tmp_path / "moe")
+
+    result = runner.invoke(app, ["bench", str(moe_dir), "--tokens", "1,8,64", "--new-tokens", "4", "--device", "cuda"])
+
+    assert result.exit_code == 0, result.output
+    assert "CUDA-graph speed-up" in result.stdout
+    _, runs = bench_runs()
+    metrics = runs[0].data.metrics
+    for t in (1, 8):  # decode: nothing synchronises, so the pass is captured
+        assert metrics[f"T{t}.graph_speedup"] == metrics[f"T{t}.dense_graph_ms"] / metrics[f"T{t}.moe_graph_ms"]
+    assert "T64.graph_speedup" not in metrics
 
 
 def test_bench_without_the_dense_source_times_the_moe_alone(trained_lm, tmp_path):

@@ -8,7 +8,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.main import app
-from metanet.eval.plots import plot_expert_load_by_layer, plot_layer_partition
+from metanet.eval.plots import plot_expert_load_by_layer, plot_layer_partition, plot_speedup
 
 runner = CliRunner()
 
@@ -32,6 +32,20 @@ def test_expert_load_grid_and_partition_picture_are_pngs(tmp_path):
     rate = torch.rand(256, generator=generator)
     picture = plot_layer_partition(assign, rate, tmp_path / "partition.png", shared=1)
     assert_picture(picture, min_width=1000)
+
+
+def test_speedup_plot_draws_the_cuda_graph_line_only_where_graph_timings_exist(tmp_path):
+    rows = [{"tokens": t, "speedup": s, "paths": {"decode": 8}} for t, s in ((1, 2.1), (4, 1.8), (64, 1.1))]
+    graphed = [row | {"graph_speedup": row["speedup"] + 1.0} for row in rows[:2]] + rows[2:]  # CUDA, T ≤ 16
+
+    def orange_pixels(path) -> int:  # tab:orange, the graph line's colour
+        with Image.open(path) as image:
+            return sum(n for n, (r, g, b) in image.convert("RGB").getcolors(maxcolors=1 << 20) if r > 230 and 100 < g < 150 and b < 50)
+
+    eager_only, with_graphs = plot_speedup(rows, tmp_path / "eager.png"), plot_speedup(graphed, tmp_path / "graphs.png")
+    assert_picture(eager_only)
+    assert_picture(with_graphs)
+    assert orange_pixels(eager_only) == 0 and orange_pixels(with_graphs) > 100
 
 
 def test_eval_logs_both_plots_to_its_run(tmp_path, monkeypatch):

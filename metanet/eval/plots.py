@@ -131,13 +131,19 @@ def plot_speedup(rows: list[dict], path: str | Path, title: str = "") -> Path:
     """FFN speed-up of the MoE over the dense model (dense ms / MoE ms) against tokens per call.
 
     `rows` is `metanet.eval.speed.ffn_speed`'s output; each point is labelled with the path the
-    kernels took; the dashed line at 1 is parity (above: the MoE is faster).
+    kernels took; the dashed line at 1 is parity (above: the MoE is faster). Rows timed as CUDA-graph
+    replays too (`graph_speedup`) add a second line: GPU time alone, without host launch costs.
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     tokens = [row["tokens"] for row in rows]
     speedups = [row["speedup"] for row in rows]
-    ax.plot(tokens, speedups, marker="o", color="tab:blue")
+    ax.plot(tokens, speedups, marker="o", color="tab:blue", label="eager calls")
+    graphed = [row for row in rows if "graph_speedup" in row]
+    if graphed:
+        ax.plot([row["tokens"] for row in graphed], [row["graph_speedup"] for row in graphed], marker="s", color="tab:orange",
+                label="CUDA-graph replays")
+        ax.legend(fontsize=8)
     for row in rows:
         ax.annotate("/".join(row["paths"]), (row["tokens"], row["speedup"]), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
     ax.axhline(1.0, color="tab:gray", lw=1, ls="--")

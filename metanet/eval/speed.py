@@ -101,27 +101,39 @@ def ffn_speed(moe_modules: list, inputs: dict[int, torch.Tensor], tokens: list[i
 
     moe_modules: each block's MoEFFN on `device`; inputs: block → its FFN inputs [N, d] (N ≥ max(tokens)).
     Call i of a pass runs tokens [i·T, (i+1)·T) of the block's inputs (wrapping), so calls route differently.
-    `progress()` is called after each (block, T).
+    On CUDA, for T ≤ DECODE_MAX_TOKENS (where no path synchronises with the host), the rows also hold the
+    pass replayed as one CUDA graph (`dense_graph_ms`, `moe_graph_ms`, `graph_speedup`): GPU time alone,
+    as serving stacks run decode steps. `progress()` is called after each (block, T).
     """
     from metanet.kernels import choose_path
+    from metanet.kernels.dispatch import DECODE_MAX_TOKENS
 
-    dense_ms, moe_ms = dict.fromkeys(tokens, 0.0), dict.fromkeys(tokens, 0.0)  # T → summed over blocks
+    graphs = [t for t in tokens if device.type == "cuda" and t <= DECODE_MAX_TOKENS and all(m.kernel == "auto" for m in moe_modules)]
+    times = {key: dict.fromkeys(tokens, 0.0) for key in ("dense_ms", "moe_ms", "dense_graph_ms", "moe_graph_ms")}  # T → summed over blocks
     paths = {n_tokens: Counter() for n_tokens in tokens}
     for i, moe in enumerate(moe_modules):
         dense = moe.to_ffn_layer()  # the block's dense FFN, built once for all T: same weights, device and dtype
         pool = inputs[i]
         for n_tokens in tokens:
             windows = [pool[(j * n_tokens + torch.arange(n_tokens)) % pool.shape[0]].to(device, moe.w_in.dtype) for j in range(CALLS)]  # each [T, d]
+            calls = {"dense": lambda j: dense.forward(windows[j]), "moe": lambda j: moe(windows[j])}
             with torch.inference_mode():
-                dense_ms[n_tokens] += per_call_ms(lambda j: dense.forward(windows[j]), CALLS, REPEATS, device)
-                moe_ms[n_tokens] += per_call_ms(lambda j: moe(windows[j]), CALLS, REPEATS, device)
+                for name, call in calls.items():
+                    times[f"{name}_ms"][n_tokens] += per_call_ms(call, CALLS, REPEATS, device)
+                    if n_tokens in graphs:
+                        times[f"{name}_graph_ms"][n_tokens] += per_call_ms(call, CALLS, REPEATS, device, graph=True)
                 paths[n_tokens].update(choose_path(moe, w, lambda w=w: moe.route(w)) if moe.kernel == "auto" else moe.kernel for w in windows)
             if progress is not None:
                 progress()
-    rows = [{"tokens": t, "dense_ms": dense_ms[t], "moe_ms": moe_ms[t], "speedup": dense_ms[t] / moe_ms[t], "paths": dict(paths[t])}
-            for t in tokens]
-    for row in rows:
-        log.info("T=%d: dense %.4f ms, MoE %.4f ms (%.2f×), paths %s", row["tokens"], row["dense_ms"], row["moe_ms"], row["speedup"], row["paths"])
+    rows = []
+    for t in tokens:
+        row = {"tokens": t, "dense_ms": times["dense_ms"][t], "moe_ms": times["moe_ms"][t], "speedup": times["dense_ms"][t] / times["moe_ms"][t],
+               "paths": dict(paths[t])}
+        if t in graphs:
+            row |= {"dense_graph_ms": times["dense_graph_ms"][t], "moe_graph_ms": times["moe_graph_ms"][t],
+                    "graph_speedup": times["dense_graph_ms"][t] / times["moe_graph_ms"][t]}
+        rows.append(row)
+        log.info("T=%d: dense %.4f ms, MoE %.4f ms (%.2f×), paths %s", t, row["dense_ms"], row["moe_ms"], row["speedup"], row["paths"])
     return rows
 
 
