@@ -184,7 +184,7 @@ class Tiling:
 
 @dataclass(frozen=True)
 class Launch:
-    """One kernel launch: kernel[grid](**arguments), launch options included (num_warps)."""
+    """One kernel launch: kernel[grid](**arguments), launch options included (num_warps, num_stages)."""
 
     kernel: triton.JITFunction
     grid: tuple[int, ...]
