@@ -3,7 +3,7 @@
 What it measures (DESIGN.md "Metrics", GPU line), every figure in one run on one device:
 
   sweep     d=4096 and f ∈ {14336, 11008} (gated SiLU: the LLaMA-3-8B / Mistral-7B and LLaMA-7B FFN
-            shapes), E ∈ {16, 32} experts with k = E/4 active, bf16, T ∈ {1, 2, 4, 8, 64, 512, 2048, 8192}
+            shapes), E ∈ {16, 32} experts with k = E/4 active, bf16, T ∈ {1, 2, 4, 8, 16, 64, 512, 2048, 8192}
             tokens per call, replayed (trace) and uniform routing. Dense: the three F.linear of
             transformers' LlamaMLP (`FFNLayer.forward`). MoE: `MoEFFN.from_layer(..., pad_to=64)` with
             kernel "auto", called as in a model: `moe(x)`, routing included, on inputs steered so that its own
@@ -28,7 +28,7 @@ router) of the bundled real checkpoint all-MiniLM-L6-v2 selects for 8192 held-ou
 corpus (Shakespeare), every layer, E=16 (k=4) and E=32 (k=8). No 7B checkpoint is available offline, so
 the large layers have random weights and only the routing pattern of the real partition on real text
 (non-uniform expert loads, correlated tokens) is replayed onto them, expert id for expert id. A call of
-T ≤ 8 tokens takes tokens of T different 128-token passages (a decode batch runs T different sequences);
+T ≤ 16 tokens takes tokens of T different 128-token passages (a decode batch runs T different sequences);
 a call of more tokens takes T consecutive trace tokens (a prefill chunk). "uniform": each token's k
 experts drawn uniformly at random.
 
@@ -71,7 +71,7 @@ import torch
 from metanet.checkpoints import FFNLayer
 from metanet.eval.speed import decode_steps_speed, model_speed, per_call_ms
 from metanet.kernels import choose_path
-from metanet.kernels.dispatch import DECODE_MAX_TOKENS  # the auto path is decode up to here: no host synchronisation, so a CUDA graph can replay it
+from metanet.kernels.dispatch import DECODE_MAX_TOKENS  # calls up to here are decode batches (one token per sequence) and, free of host syncs, replay as CUDA graphs
 from metanet.moe.module import MoEFFN
 from metanet.partition.partition import LayerPartition, OperatingPoint, Partition
 
@@ -85,7 +85,6 @@ TRACE_WINDOW = 128  # tokens per held-out passage (text_split's seq_len)
 TRACE_EXPERTS = (16, 32)
 
 ROUTINGS = ("trace", "uniform")
-DECODE_BATCH_MAX = 8  # calls of at most this many tokens are decode batches: one token per sequence
 PAD_TO = 64  # expert width padding, as in the MoE checkpoint
 VARIANTS = 16  # routing masks and inputs per measurement
 WEIGHT_SETS = 4  # independent copies of each layer the calls rotate through
@@ -131,7 +130,7 @@ class Sizes:
 
 
 GPU_SIZES = Sizes(
-    d_model=4096, d_ffs=(14336, 11008), experts=(16, 32), tokens=(1, 2, 4, 8, 64, 512, 2048, 8192),
+    d_model=4096, d_ffs=(14336, 11008), experts=(16, 32), tokens=(1, 2, 4, 8, 16, 64, 512, 2048, 8192),  # the issue's T, and 16: the last decode T
     calls=32, repeats=5, reference_max_tokens=64,
     tune_up=tuple((m, d) for m in (16, 32, 64) for d in (64, 128, 256)),
     tune_down=tuple((d, m) for d in (16, 32, 64, 128) for m in (64, 128, 256)),  # BLOCK_D 16: 256 programs at d=4096
@@ -213,7 +212,7 @@ def routing_masks(trace: Trace | None, routing: str, point: OperatingPoint, toke
             layers = trace.ids[point.experts]
             ids = layers[int(torch.randint(len(layers), (), generator=generator))]  # [N, k]
             n = ids.shape[0]
-            if tokens <= DECODE_BATCH_MAX:  # one token from each of `tokens` different passages
+            if tokens <= DECODE_MAX_TOKENS:  # one token from each of `tokens` different passages
                 passages = torch.randperm(n // trace.window, generator=generator)[:tokens]
                 rows = passages * trace.window + torch.randint(trace.window, (tokens,), generator=generator)
             else:  # a prefill chunk: consecutive tokens
@@ -583,7 +582,7 @@ def report(results: dict) -> str:
         f"(method {trace.get('method')}, router {trace.get('router')}) of {trace.get('checkpoint')} on {trace.get('tokens')} tokens of its "
         f"{trace.get('split')} split ({trace.get('corpus')}), every layer, replayed onto the random-weight layers expert id for expert id "
         "(no 7B checkpoint is available offline, so the weights are random and only the routing pattern is real: non-uniform expert "
-        f"loads, correlated tokens). Load CV per layer: {trace.get('load_cv')}. Calls of T ≤ {DECODE_BATCH_MAX} take one token from each of "
+        f"loads, correlated tokens). Load CV per layer: {trace.get('load_cv')}. Calls of T ≤ {DECODE_MAX_TOKENS} take one token from each of "
         f"T different {trace.get('window')}-token passages (a decode batch); larger calls take T consecutive tokens (a prefill chunk). "
         "\"uniform\": k experts per token uniformly at random.",
         f"- Timing: {results['sizes']['calls']} calls back to back per pass (half from T={LARGE_T}), cycling {VARIANTS} routing variants and "
