@@ -1,7 +1,7 @@
 """Which runtime path an MoEFFN call takes, and running it.
 
     autograd needed                     → reference   (differentiable, any device)
-    not on CUDA                         → grouped     (on CPU faster than reference at every T measured)
+    not on CUDA                         → grouped     (on CPU: less overhead than reference at small T, about its speed at large T)
     T ≤ DECODE_MAX_TOKENS and Triton    → decode      (reads the union of the tokens' experts)
     inside CUDA-graph capture           → dense       (the union test and the grouped sort both synchronise)
     T ≤ DENSE_MAX_TOKENS and the union
@@ -9,8 +9,9 @@
     otherwise                           → grouped     (k/E of the dense FLOPs)
 
 Nothing up to DECODE_MAX_TOKENS synchronises with the host, so a serving stack's decode step over a
-batch of up to 16 sequences can be captured in a CUDA graph; the path chosen for a T is the same in
-and out of capture (a warm-up call compiles the kernels that the capture then records).
+batch of up to 16 sequences can be captured in a CUDA graph. Up to there the path is the same in and
+out of capture, so a warm-up call compiles the Triton kernels that the capture then records; larger T
+take the dense path in capture, plain torch, which needs no compiling.
 
 The CUDA thresholds are placeholders until benchmarks/moe_kernels.py --paths has run on a
 GPU: it times every path at every T, and they belong at the crossovers it shows.
