@@ -95,3 +95,34 @@ def test_norm_is_optional(net, tiny_models):
     assert net.predict(layer, OperatingPoint(11, 3, width_multiple=1)).assign.shape == (layer.d_ff,)
 
 
+
+
+def test_predict_and_a_training_step_create_every_tensor_where_the_layer_is(net, tiny_models):
+    """With the default device set to "meta", a tensor made without the layer's device lands on meta and the first
+    operation that mixes it with the layer's CPU tensors fails; so this run passing means a layer on a GPU is
+    predicted, trained and validated on that GPU alone. The results equal those of a plain run."""
+    from metanet.calib import neuron_stats
+    from training.metanet_data import LayerSample
+    from training.metanet_module import MetaNetModule
+
+    layer = open_checkpoint(tiny_models["llama"].path).layer(0)
+    x = torch.randn(64, layer.d_model, generator=torch.Generator().manual_seed(0))
+    sample = LayerSample("llama", 0, layer, x, x, neuron_stats(layer, x), {})
+    point = OperatingPoint(4, 2, shared=1, width_multiple=2)  # d_ff = 88
+    module = MetaNetModule(network={"width": 32, "depth": 3})
+
+    def run():
+        torch.manual_seed(0)
+        with torch.no_grad():
+            prediction, validation = net.predict(layer, point, sample.stats), module.layer_rel_errors(sample, point)
+        return prediction, module.losses(sample, point, with_stats=True), validation
+
+    expected_prediction, expected_losses, expected_validation = run()
+    with torch.device("meta"):
+        prediction, losses, validation = run()
+
+    assert torch.equal(prediction.assign, expected_prediction.assign)
+    torch.testing.assert_close(prediction.router_weight, expected_prediction.router_weight)
+    assert losses.keys() == expected_losses.keys() and all(loss.device.type == "cpu" for loss in losses.values())
+    torch.testing.assert_close(torch.stack(list(losses.values())), torch.stack(list(expected_losses.values())))
+    assert validation == pytest.approx(expected_validation)

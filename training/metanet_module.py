@@ -79,8 +79,8 @@ class MetaNetModule(L.LightningModule):
         m = point.expert_width(f)
         out = self.net.neuron_outputs(layer, sample.stats if with_stats else None)
         shared, routed = split_shared(out.importance, point.shared * m)
-        p = torch.zeros(f, point.experts, dtype=out.space.dtype)  # [f, E]
-        p[shared, torch.arange(point.shared).repeat_interleave(m)] = 1.0
+        p = torch.zeros(f, point.experts, dtype=out.space.dtype, device=out.space.device)  # [f, E]
+        p[shared, torch.arange(point.shared, device=p.device).repeat_interleave(m)] = 1.0
         p[routed, point.shared :] = soft_partition(out.space[routed], point.routed, m, self.hparams.assign_tau,
                                                       straight_through=self.hparams.straight_through)
         y, y_moe, gates = soft_moe(layer, sample.x, p, out, point, self.hparams.route_tau, self.hparams.synthetic_tokens,

@@ -28,7 +28,7 @@ METRICS = ("rel_error", "oracle_rel_error", "mass_recall", "router_recall", "loa
 def layer_metrics(layer: FFNLayer, lp: LayerPartition, point: OperatingPoint, x: torch.Tensor, batch_tokens: int = 1024) -> dict:
     """All METRICS for one layer.   x: [T, d] held-out FFN inputs."""
     sums = dict.fromkeys(("dense", "moe", "oracle", "mass_chosen", "mass", "overlap"), 0.0)
-    load = torch.zeros(point.experts, dtype=torch.float64)
+    load = torch.zeros(point.experts, dtype=torch.float64, device=x.device)
     for xb in x.split(batch_tokens):
         y = layer.forward(xb)
         mask = select_experts(lp.scores(xb), point)  # [t, E]

@@ -57,15 +57,16 @@ def layer_features(layer: FFNLayer, stats: NeuronStats | None = None) -> GraphFe
     log_scale = scale.log()
     log_in = in_norm.log()
     homogeneous = layer.activation in POSITIVELY_HOMOGENEOUS
-    b_in = layer.b_in.float() / in_norm if layer.b_in is not None else torch.zeros(f)
+    zeros = lambda: torch.zeros(f, device=w_in.device)  # noqa: E731
+    b_in = layer.b_in.float() / in_norm if layer.b_in is not None else zeros()
     if stats is not None:
         rate = stats.activation_rate.float()
         mean_abs = stats.mean_abs.float() / stats.mean_abs.float().mean().clamp(min=_EPS)
-        flag = torch.ones(f)
+        flag = torch.ones(f, device=w_in.device)
     else:
-        rate, mean_abs, flag = torch.zeros(f), torch.zeros(f), torch.zeros(f)
+        rate, mean_abs, flag = zeros(), zeros(), zeros()
     hidden = torch.stack(
-        [b_in, log_scale - log_scale.mean(), torch.zeros(f) if homogeneous else log_in - log_in.mean(), rate, mean_abs, flag], dim=1
+        [b_in, log_scale - log_scale.mean(), zeros() if homogeneous else log_in - log_in.mean(), rate, mean_abs, flag], dim=1
     )
     residual = residual_features(layer)
     root_d = d**0.5
@@ -78,13 +79,14 @@ def residual_features(layer: FFNLayer) -> torch.Tensor:
     (d · mean_j â_ji², which is 1 on average)."""
     d = layer.d_model
     norm = layer.norm
-    weight = norm.weight.float() if norm is not None else torch.ones(d)
-    bias = norm.bias.float() if norm is not None and norm.bias is not None else torch.zeros(d)
+    device = layer.w_in.device
+    weight = norm.weight.float() if norm is not None else torch.ones(d, device=device)
+    bias = norm.bias.float() if norm is not None and norm.bias is not None else torch.zeros(d, device=device)
     if layer.b_out is not None:
         b_out = layer.b_out.float()
         b_out = b_out / b_out.pow(2).mean().sqrt().clamp(min=_EPS)
     else:
-        b_out = torch.zeros(d)
+        b_out = torch.zeros(d, device=device)
     a_hat = layer.w_in.float() / layer.w_in.float().norm(dim=1, keepdim=True).clamp(min=_EPS)
     read = d * a_hat.pow(2).mean(0)
     return torch.stack([weight, bias, b_out, read], dim=1)

@@ -123,8 +123,8 @@ class MetaNetwork(nn.Module):
     def assign(self, out: NeuronOutputs, d_ff: int, point: OperatingPoint, m: int) -> torch.Tensor:
         """Shared experts by importance, routed ones by balanced k-means in the clustering space.   → [f] int64"""
         shared, routed = split_shared(out.importance, point.shared * m)
-        assign = torch.empty(d_ff, dtype=torch.int64)
-        assign[shared] = torch.arange(point.shared).repeat_interleave(m)
+        assign = torch.empty(d_ff, dtype=torch.int64, device=out.importance.device)
+        assign[shared] = torch.arange(point.shared, device=assign.device).repeat_interleave(m)
         assign[routed] = point.shared + balanced_kmeans(out.space[routed], point.routed, m, iters=self.config.kmeans_iters, init="farthest",
                                                          dtype=torch.float32)
         return assign

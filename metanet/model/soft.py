@@ -21,6 +21,8 @@ reconstruction loss is the hard metric on the training tokens) and the soft ones
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from metanet.checkpoints import FFNLayer
@@ -35,7 +37,7 @@ from metanet.partition.partition import OperatingPoint
 def sinkhorn(logits: torch.Tensor, capacity: float, iters: int = 30) -> torch.Tensor:
     """Balanced soft assignment in the log domain.   logits: [f, K] → P [f, K], rows sum to 1, columns to `capacity`."""
     log_p = logits
-    log_capacity = torch.log(torch.tensor(capacity, dtype=logits.dtype))
+    log_capacity = math.log(capacity)
     for _ in range(iters):
         log_p = log_p - torch.logsumexp(log_p, dim=0, keepdim=True) + log_capacity  # columns → capacity
         log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True)  # rows → 1
@@ -49,7 +51,7 @@ def soft_partition(z: torch.Tensor, k: int, capacity: int, tau: float = 0.1, ite
     straight_through: the value is that hard one-hot partition, the gradient the soft P's."""
     with torch.no_grad():
         hard = balanced_kmeans(z.detach(), k, capacity, iters=iters, init="farthest", dtype=torch.float32)
-    centroids = torch.nn.functional.normalize(torch.zeros(k, z.shape[1], dtype=z.dtype).index_add(0, hard, z), dim=1)
+    centroids = torch.nn.functional.normalize(torch.zeros(k, z.shape[1], dtype=z.dtype, device=z.device).index_add(0, hard, z), dim=1)
     p = sinkhorn(z @ centroids.T / tau, capacity)
     return _straight_through(torch.nn.functional.one_hot(hard, k).to(p.dtype), p) if straight_through else p
 

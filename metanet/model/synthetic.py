@@ -26,17 +26,18 @@ def coordinate_noise(layer: FFNLayer, n_tokens: int) -> torch.Tensor:
     """z [T, d]: column i from a generator seeded by a hash of the HASHED_VALUES largest entries of w_in[:, i]."""
     top = min(HASHED_VALUES, layer.d_ff)
     columns = layer.w_in.float().cpu().topk(top, dim=0).values.T.contiguous().numpy()  # [d, top], each column in decreasing order
-    noise = torch.empty(layer.d_model, n_tokens)
+    noise = torch.empty(layer.d_model, n_tokens, device="cpu")  # drawn on the CPU: the same numbers wherever the layer is
     generator = torch.Generator()
     for i, column in enumerate(columns):
         generator.manual_seed(int.from_bytes(hashlib.blake2b(column.tobytes(), digest_size=8).digest(), "little") >> 1)
-        noise[i] = torch.randn(n_tokens, generator=generator)
-    return noise.T
+        noise[i] = torch.randn(n_tokens, generator=generator, device="cpu")
+    return noise.T.to(layer.w_in.device)
 
 
 def synthetic_inputs(layer: FFNLayer, scale: torch.Tensor, shift: torch.Tensor, n_tokens: int) -> torch.Tensor:
     """x [T, d] = γ e^σ z + β + γ μ.   scale σ, shift μ: [d]"""
     d = layer.d_model
-    gamma = layer.norm.weight.float() if layer.norm is not None else torch.ones(d)
-    beta = layer.norm.bias.float() if layer.norm is not None and layer.norm.bias is not None else torch.zeros(d)
+    device = layer.w_in.device
+    gamma = layer.norm.weight.float() if layer.norm is not None else torch.ones(d, device=device)
+    beta = layer.norm.bias.float() if layer.norm is not None and layer.norm.bias is not None else torch.zeros(d, device=device)
     return coordinate_noise(layer, n_tokens) * (gamma * scale.exp()) + beta + gamma * shift

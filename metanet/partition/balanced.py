@@ -42,7 +42,7 @@ def balanced_assign(cost: torch.Tensor, capacity: int) -> torch.Tensor:
         assign[free[taken]] = best[taken]
         room -= np.bincount(best[taken], minlength=k)
         free = np.flatnonzero(assign < 0)
-    return torch.from_numpy(assign)
+    return torch.from_numpy(assign).to(cost.device)
 
 
 def optimal_balanced_assign(cost: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -57,7 +57,7 @@ def optimal_balanced_assign(cost: torch.Tensor, capacity: int) -> torch.Tensor:
     rows, cols = linear_sum_assignment(expanded)
     assign = np.empty(n, dtype=np.int64)
     assign[rows] = cols // capacity
-    return torch.from_numpy(assign)
+    return torch.from_numpy(assign).to(cost.device)
 
 
 def balanced_kmeans(
@@ -80,7 +80,7 @@ def balanced_kmeans(
         centroids = x[_farthest_points(x, k)]
     else:
         generator = torch.Generator().manual_seed(seed)
-        centroids = x[torch.randperm(x.shape[0], generator=generator)[:k]]
+        centroids = x[torch.randperm(x.shape[0], generator=generator, device="cpu")[:k].to(x.device)]
     assign = None
     for _ in range(iters):
         cost = -(x @ centroids.T) if spherical else torch.cdist(x, centroids).pow(2)
@@ -109,4 +109,4 @@ def _farthest_points(x: torch.Tensor, k: int) -> torch.Tensor:
     for _ in range(k - 1):
         chosen.append(int(nearest.argmax()))
         nearest = torch.minimum(nearest, distances_to(x[chosen[-1]]))
-    return torch.tensor(chosen)
+    return torch.tensor(chosen, device=x.device)

@@ -13,12 +13,12 @@ LSQ_RIDGE = 1e-3  # relative to the mean diagonal of XᵀX
 
 def least_squares(x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [T, d], targets: [T, E] → (W [E, d], b [E]) float32, solved in float64."""
-    design = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)  # [T, d+1]
+    design = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64, device=x.device)], dim=1)  # [T, d+1]
     ridge = LSQ_RIDGE * design.pow(2).sum() / design.shape[1]  # LSQ_RIDGE · mean diag(DᵀD)
     if design.shape[0] < design.shape[1]:
         gram = design @ design.T  # [T, T]
-        theta = design.T @ torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], dtype=torch.float64), targets.double())
+        theta = design.T @ torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], dtype=torch.float64, device=x.device), targets.double())
     else:
         gram = design.T @ design  # [d+1, d+1]
-        theta = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], dtype=torch.float64), design.T @ targets.double())  # [d+1, E]
+        theta = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], dtype=torch.float64, device=x.device), design.T @ targets.double())  # [d+1, E]
     return theta[:-1].T.float().contiguous(), theta[-1].float().contiguous()

@@ -59,9 +59,9 @@ def assign_neurons(method: str, layer: FFNLayer, point: OperatingPoint, calib: L
     importance = calib.stats.activation_rate if calib is not None else output_weighted_norms(layer)
     order = torch.argsort(importance, descending=True, stable=True)
     shared, routed = order[: point.shared * m], torch.sort(order[point.shared * m :]).values
-    assign = torch.empty(layer.d_ff, dtype=torch.int64)
-    assign[shared] = torch.arange(point.shared).repeat_interleave(m)
-    assign[routed] = point.shared + _ROUTED[method](layer, routed, point.routed, m, calib, seed)
+    assign = torch.empty(layer.d_ff, dtype=torch.int64, device=layer.w_in.device)
+    assign[shared] = torch.arange(point.shared, device=assign.device).repeat_interleave(m)
+    assign[routed] = point.shared + _ROUTED[method](layer, routed, point.routed, m, calib, seed).to(assign.device)
     return assign
 
 

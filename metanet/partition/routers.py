@@ -55,7 +55,7 @@ def fit_router(
         raise MetanetError(f"router {name!r} needs calibration text (data-free routers: {', '.join(DATA_FREE_ROUTERS)})")
     with torch.no_grad():
         if name == "centroid":
-            weights = torch.ones(layer.d_ff)
+            weights = torch.ones(layer.d_ff, device=layer.w_in.device)
         elif name == "scaled":
             weights = layer.w_out.norm(dim=0) * (layer.w_gate.norm(dim=1) if layer.w_gate is not None else 1.0)
         elif name == "cmoe":
@@ -72,10 +72,11 @@ def fit_router(
 def _weighted_member_means(layer: FFNLayer, assign: torch.Tensor, weights: torch.Tensor, n_experts: int):
     """W_e = Σ_{j∈e} c_j w_in_j / Σ_{j∈e} c_j, b_e likewise with b_in.   weights c: [f]"""
     c = weights.double()
-    totals = torch.zeros(n_experts, dtype=torch.float64).index_add_(0, assign, c).clamp(min=1e-30)
-    w = torch.zeros(n_experts, layer.d_model, dtype=torch.float64).index_add_(0, assign, c[:, None] * layer.w_in.double())
-    b_in = layer.b_in.double() if layer.b_in is not None else torch.zeros(layer.d_ff, dtype=torch.float64)
-    b = torch.zeros(n_experts, dtype=torch.float64).index_add_(0, assign, c * b_in)
+    zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=c.device)  # noqa: E731
+    totals = zeros(n_experts).index_add_(0, assign, c).clamp(min=1e-30)
+    w = zeros(n_experts, layer.d_model).index_add_(0, assign, c[:, None] * layer.w_in.double())
+    b_in = layer.b_in.double() if layer.b_in is not None else zeros(layer.d_ff)
+    b = zeros(n_experts).index_add_(0, assign, c * b_in)
     return (w / totals[:, None]).float(), (b / totals).float()
 
 
@@ -84,12 +85,13 @@ def _representatives(layer: FFNLayer, assign: torch.Tensor, calib: LayerCalibrat
     over the calibration tokens lie closest (Hamming) to the expert's mean markers.   → [f]"""
     markers = active_mask(layer, layer.hidden(calib.x)).T.double()  # [f, T]
     sizes = torch.bincount(assign, minlength=n_experts).clamp(min=1).double()
-    mean = torch.zeros(n_experts, markers.shape[1], dtype=torch.float64).index_add_(0, assign, markers) / sizes[:, None]
+    device = markers.device
+    mean = torch.zeros(n_experts, markers.shape[1], dtype=torch.float64, device=device).index_add_(0, assign, markers) / sizes[:, None]
     closeness = -(markers - mean[assign]).pow(2).sum(1)  # [f]
-    best = torch.zeros(n_experts, dtype=closeness.dtype).scatter_reduce(0, assign, closeness, "amax", include_self=False)
+    best = torch.zeros(n_experts, dtype=closeness.dtype, device=device).scatter_reduce(0, assign, closeness, "amax", include_self=False)
     candidates = torch.nonzero(closeness == best[assign]).flatten()
-    first = torch.full((n_experts,), len(assign), dtype=torch.int64).scatter_reduce(0, assign[candidates], candidates, "amin")
-    weights = torch.zeros(len(assign), dtype=torch.float64)
+    first = torch.full((n_experts,), len(assign), dtype=torch.int64, device=device).scatter_reduce(0, assign[candidates], candidates, "amin")
+    weights = torch.zeros(len(assign), dtype=torch.float64, device=device)
     weights[first] = 1.0  # ties: the lowest index wins
     return weights
 
