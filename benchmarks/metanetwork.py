@@ -7,7 +7,7 @@ method's oracle routing (oracle_rel_error). Then the predict time of one random 
 layer in a fresh process (wall time and peak RSS). Writes benchmarks/results/metanet.md and .json.
 
 Run: .venv/bin/python benchmarks/metanetwork.py --zoo ZOO [--model FOLDER] [--seeds 0,1,2]
-     .venv/bin/python benchmarks/metanetwork.py --only-predict-time     (re-measures that figure alone, in place)
+     .venv/bin/python benchmarks/metanetwork.py --only-predict-time [--device cuda]    (re-measures that figure alone, in place)
 Time it on an otherwise idle machine: on 2 cores a concurrent job inflates the predict time by half.
 """
 
@@ -83,8 +83,10 @@ def bars(table: list[dict]) -> list[str]:
     ]
 
 
-def predict_time(model: str | None) -> dict:
-    """Time MetaNetwork.predict on one random gated 4096×11008 layer (E=16, k=4); run in a fresh process for the peak RSS."""
+def predict_time(model: str | None, device: str = "cpu") -> dict:
+    """Time MetaNetwork.predict on one random gated 4096×11008 layer (E=16, k=4); run in a fresh process for the peak RSS.
+    On a GPU (device "cuda") the layer and the network live there; one untimed call first pays the CUDA start-up,
+    and the timed call ends with a synchronisation (its result is on the GPU until then)."""
     import torch
 
     from metanet.checkpoints.ffn_layer import FFNLayer, Norm
@@ -94,40 +96,58 @@ def predict_time(model: str | None) -> dict:
     torch.manual_seed(0)
     d, f = 4096, 11008
     layer = FFNLayer(w_in=torch.randn(f, d) / d**0.5, w_gate=torch.randn(f, d) / d**0.5, w_out=torch.randn(d, f) / f**0.5,
-                     activation="silu", norm=Norm("rmsnorm", torch.ones(d), None, 1e-6))
-    net = load_model(model)
+                     activation="silu", norm=Norm("rmsnorm", torch.ones(d), None, 1e-6)).to(device=device)
+    net = load_model(model).to(device)
+    point = OperatingPoint(16, 4)
+    if device == "cuda":
+        net.predict(layer, point)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     start = time.perf_counter()
-    net.predict(layer, OperatingPoint(16, 4))
+    net.predict(layer, point)
+    if device == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "weights_rss_gb": rss_before, "threads": torch.get_num_threads()}
+    timing = {"seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+              "weights_rss_gb": rss_before, "threads": torch.get_num_threads(), "device": device}
+    if device == "cuda":
+        timing |= {"gpu": torch.cuda.get_device_name(), "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30}
+    return timing
 
 
-def measure_predict_time(model: str | None) -> dict:
+def measure_predict_time(model: str | None, device: str = "cpu") -> dict:
     """predict_time in PREDICT_REPEATS fresh processes, one after the other: the median run, with the range of the times."""
-    runs = [json.loads(subprocess.run([sys.executable, __file__, "--predict-time", *(["--model", model] if model else [])],
-                                      capture_output=True, text=True, check=True).stdout) for _ in range(PREDICT_REPEATS)]
+    command = [sys.executable, __file__, "--predict-time", "--device", device, *(["--model", model] if model else [])]
+    runs = [json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout) for _ in range(PREDICT_REPEATS)]
     median = sorted(runs, key=lambda run: run["seconds"])[len(runs) // 2]
     timing = median | {"date": str(datetime.date.today()), "runs": len(runs), "min_s": min(r["seconds"] for r in runs), "max_s": max(r["seconds"] for r in runs)}
     logging.info("predict time: %s", timing)
     return timing
 
 
-def predict_time_line(timing: dict) -> str:
-    return (f"Predict time of one random 4096×11008 gated layer (E=16, k=4), median of {timing['runs']} fresh processes on an otherwise "
-            f"idle machine ({timing['date']}), {timing['threads']} threads: **{timing['seconds']:.1f} s** (range {timing['min_s']:.1f}–{timing['max_s']:.1f} s), "
-            f"peak RSS **{timing['peak_rss_gb']:.2f} GB** (of which {timing['weights_rss_gb']:.2f} GB before the call: the layer's weights "
-            "and the model). GPU: not measured, no GPU was lent to this session.")
+def predict_time_line(cpu: dict, gpu: dict | None) -> str:
+    """The predict-time paragraph of metanet.md: the CPU figure, and the GPU one where it was measured."""
+    line = (f"Predict time of one random 4096×11008 gated layer (E=16, k=4), median of {cpu['runs']} fresh processes on an otherwise "
+            f"idle machine ({cpu['date']}), {cpu['threads']} threads: **{cpu['seconds']:.1f} s** (range {cpu['min_s']:.1f}–{cpu['max_s']:.1f} s), "
+            f"peak RSS **{cpu['peak_rss_gb']:.2f} GB** (of which {cpu['weights_rss_gb']:.2f} GB before the call: the layer's weights "
+            "and the model).")
+    if gpu is None:
+        return line + " GPU: not measured, no GPU was lent to this session."
+    return line + (f" On an {gpu['gpu']} ({gpu['date']}, median of {gpu['runs']} fresh processes, after one untimed call): "
+                   f"**{gpu['seconds']:.2f} s** (range {gpu['min_s']:.2f}–{gpu['max_s']:.2f} s), peak GPU memory {gpu['peak_gpu_memory_gb']:.2f} GB.")
 
 
 def update_predict_time(timing: dict) -> None:
-    """Replace the predict-time paragraph of metanet.md and the figure in metanet.json, leaving the tables as measured."""
-    page = RESULTS / "metanet.md"
-    lines = [predict_time_line(timing) if line.startswith("Predict time of one random") else line for line in page.read_text().split("\n")]
-    page.write_text("\n".join(lines))
+    """Put a new predict time (CPU or GPU, by timing["device"]) into metanet.json and its paragraph of metanet.md,
+    leaving the tables and the other device's figure as measured."""
     figures = json.loads((RESULTS / "metanet.json").read_text())
-    (RESULTS / "metanet.json").write_text(json.dumps(figures | {"predict_time": timing}, indent=1))
+    figures["predict_time_gpu" if timing["device"] == "cuda" else "predict_time"] = timing
+    (RESULTS / "metanet.json").write_text(json.dumps(figures, indent=1))
+    page = RESULTS / "metanet.md"
+    paragraph = predict_time_line(figures["predict_time"], figures.get("predict_time_gpu"))
+    lines = [paragraph if line.startswith("Predict time of one random") else line for line in page.read_text().split("\n")]
+    page.write_text("\n".join(lines))
     logging.info("updated the predict time in %s", page)
 
 
@@ -138,19 +158,22 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--predict-time", action="store_true", help=argparse.SUPPRESS)  # the child process of predict_time
     parser.add_argument("--only-predict-time", action="store_true", help="Re-measure the predict time alone and update metanet.md/.json.")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="Where the predict time is measured (default: cpu).")
     args = parser.parse_args()
     if args.predict_time:
-        print(json.dumps(predict_time(args.model)))
+        print(json.dumps(predict_time(args.model, args.device)))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.device != "cpu" and not args.only_predict_time:
+        raise SystemExit("--device cuda measures the predict time alone: add --only-predict-time")
+    timing = measure_predict_time(args.model, args.device)
+    if args.only_predict_time:  # needs neither mlflow nor lightning (a GPU machine may have neither)
+        update_predict_time(timing)
+        return
     from metanet.eval.compare import aggregate, markdown_table
     from metanet.model.store import load_model, model_facts
     from training.zoo import read_manifest
 
-    timing = measure_predict_time(args.model)
-    if args.only_predict_time:
-        update_predict_time(timing)
-        return
     net = load_model(args.model)
     seeds = [int(s) for s in args.seeds.split(",")]
     start = time.perf_counter()
@@ -173,6 +196,8 @@ def main() -> None:
     minutes = (time.perf_counter() - start) / 60
     machine = f"{platform.machine()}, {len(os.sched_getaffinity(0))} CPU cores, no GPU, Python {platform.python_version()}"
     facts = model_facts(args.model)
+    recorded = RESULTS / "metanet.json"
+    gpu_timing = json.loads(recorded.read_text()).get("predict_time_gpu") if recorded.is_file() else None  # measured on a GPU machine: kept
     header = [
         "# The metanetwork against the baselines",
         "",
@@ -185,12 +210,13 @@ def main() -> None:
         "Routers: centroid, scaled (data-free), lsq (calibration), metanet (data-free, any partition); oracle_rel_error is "
         "the same partition under oracle routing. The mlp and cmoe routers lost to lsq for every partition in baselines.md and are left out.",
         "",
-        predict_time_line(timing),
+        predict_time_line(timing, gpu_timing),
         "",
     ]
     out = RESULTS
     (out / "metanet.md").write_text("\n".join(header + sections))
-    (out / "metanet.json").write_text(json.dumps({"tables": everything, "predict_time": timing}, indent=1))
+    (out / "metanet.json").write_text(json.dumps({"tables": everything, "predict_time": timing,
+                                                  **({"predict_time_gpu": gpu_timing} if gpu_timing else {})}, indent=1))
     print((out / "metanet.md").read_text())
 
 

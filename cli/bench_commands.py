@@ -28,7 +28,8 @@ def bench_command(
     from metanet.checkpoints import open_checkpoint
     from metanet.errors import MetanetError
     from metanet.eval.plots import plot_speedup
-    from metanet.eval.speed import check_counts, measure_speed, resolve_device
+    from metanet.device import resolve_device
+    from metanet.eval.speed import check_counts, measure_speed
     from metanet.moe.checkpoint import DTYPES, read_config
     from metanet.tracking import log_artifacts, log_metrics, tracked_run
 

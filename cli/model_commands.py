@@ -93,6 +93,7 @@ def predict(
     router: Optional[str] = typer.Option(None, "--router", help="metanet (default) or any router of `metanet partition`, e.g. lsq with --corpus."),
     width_multiple: int = width_multiple_option(),
     seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="Where the metanetwork runs: auto (a GPU when there is one) | cpu | cuda."),
     out: Path = partition_out_option(),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
     config: Optional[Path] = config_option(),
@@ -100,4 +101,4 @@ def predict(
     """Predict a Partition for a checkpoint with the metanetwork: data-free, or data-aware with --corpus or --calibration generated."""
     data_aware = corpus is not None or calibration == "generated"
     run_partition(checkpoint, "metanet-data" if data_aware else "metanet", _point(experts, active, shared, width_multiple), router,
-                  corpus, calib_tokens, seed, out, tracking_uri, experiment="predict", model=model, calibration=calibration)
+                  corpus, calib_tokens, seed, out, tracking_uri, experiment="predict", model=model, calibration=calibration, device=device)

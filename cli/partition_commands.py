@@ -115,16 +115,19 @@ def partition(
 
 
 def run_partition(checkpoint: str, method: str, point, router: Optional[str], corpus: Optional[str], calib_tokens: int, seed: int,
-                  out: Path, tracking_uri: Optional[str], experiment: str, model: Optional[str] = None, calibration: str = "text") -> None:
+                  out: Path, tracking_uri: Optional[str], experiment: str, model: Optional[str] = None, calibration: str = "text",
+                  device: str = "cpu") -> None:
     """What `metanet partition` and `metanet predict` share: calibrate when needed (on text or on windows the
-    model writes), partition every layer with a progress bar, write the folder, log one MLflow run in
-    `experiment`, print a summary."""
+    model writes), partition every layer with a progress bar (the metanetwork on `device`: auto | cpu | cuda),
+    write the folder, log one MLflow run in `experiment`, print a summary."""
     from metanet.calib import load_corpus, load_model_and_tokenizer
     from metanet.checkpoints import open_checkpoint
+    from metanet.device import resolve_device
     from metanet.partition.make import METANET_METHODS, METANET_ROUTER, make_partition, needs_calibration, resolve_router
     from metanet.tracking import log_artifacts, log_metrics, tracked_run
 
     _check_calibration(calibration)
+    target = resolve_device(device)
     ckpt = open_checkpoint(checkpoint)
     point.expert_width(ckpt.d_ff)
     router = resolve_router(method, router)
@@ -140,7 +143,7 @@ def run_partition(checkpoint: str, method: str, point, router: Optional[str], co
         split = _calibration_split(ckpt, lm, tokenizer, calib_tokens, docs, calibration, seed)
         layers = _layer_calibration(ckpt, split)
     params = {"checkpoint": checkpoint, "method": method, "router": router, "experts": point.experts, "active": point.active,
-              "shared": point.shared, "seed": seed, **({"model": model or "shipped"} if net is not None else {}),
+              "shared": point.shared, "seed": seed, **({"model": model or "shipped", "device": str(target)} if net is not None else {}),
               **({"calibration": calibration} if layers is not None else {})}
     with tracked_run(experiment, f"{method}-{router}", params, tracking_uri) as run:
         with progress_bar() as progress:
@@ -148,7 +151,7 @@ def run_partition(checkpoint: str, method: str, point, router: Optional[str], co
             result = make_partition(
                 ckpt, method, point, router, calibration=layers, seed=seed, metanetwork=net,
                 calib_tokens=split.n_tokens if split else 0, calib_seconds=split.seconds if split else 0.0, calib_source=calibration,
-                progress=lambda: progress.advance(task),
+                progress=lambda: progress.advance(task), device=target,
             )
         result.save(out)
         log_metrics({"convert_s": result.info["convert_s"], "calib_tokens": result.info["calib_tokens"]})

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from metanet.model.store import load_model, model_facts
+from tests_support import assert_one_line_error
 
 runner = CliRunner()
 TRAIN_TINY = Path(__file__).parents[1] / "configs" / "train-tiny.yaml"
@@ -85,3 +86,13 @@ def test_predict_without_a_model_in_the_folder_fails_in_one_line(tiny_models, tm
     result = runner.invoke(app, ["predict", str(tiny_models["gpt2"].path), "--model", str(tmp_path), "--out", str(tmp_path / "p")])
     assert result.exit_code == 2 and "is not a trained metanetwork" in result.output
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("device, message", [("tpu", "device must be auto, cpu or cuda, got 'tpu'"), ("cuda", "no CUDA device is visible")])
+def test_predict_refuses_a_device_it_cannot_use_in_one_line(tiny_models, tmp_path, device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible here")
+    result = runner.invoke(app, ["predict", str(tiny_models["gpt2"].path), "-E", "4", "-k", "2", "--width-multiple", "1",
+                                 "--device", device, "--out", str(tmp_path / "p"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert_one_line_error(result, message)
+    assert not (tmp_path / "p").exists() and not (tmp_path / "mlflow.db").exists()  # refused before a run is logged

@@ -37,6 +37,10 @@ class NeuronStats:
     coactivation: torch.Tensor  # [f, f] sparse COO (coalesced) float32 counts C[i, j]; exact, or top-`keep` sketch
     n_tokens: int
 
+    def to(self, device: torch.device | str) -> NeuronStats:
+        """The same statistics on `device`."""
+        return NeuronStats(self.activation_rate.to(device), self.mean_abs.to(device), self.coactivation.to(device), self.n_tokens)
+
 
 def neuron_stats(layer: FFNLayer, x: torch.Tensor, active_fraction: float = 0.25, batch_tokens: int = 1024, keep: int = 64) -> NeuronStats:
     """Statistics of `layer` on FFN inputs x [T, d] (see the module docstring for "active").

@@ -127,8 +127,10 @@ class FFNLayer:
             w_out=self.w_out[:, perm],
         )
 
-    def to(self, dtype: torch.dtype) -> FFNLayer:
-        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    def to(self, *args, **kwargs) -> FFNLayer:
+        """The same layer with `tensor.to(*args, **kwargs)` applied to every tensor: a dtype, a device or both
+        (Lightning moves training samples to the accelerator through this)."""
+        cast = lambda t: None if t is None else t.to(*args, **kwargs)  # noqa: E731
         norm = self.norm and dataclasses.replace(self.norm, weight=cast(self.norm.weight), bias=cast(self.norm.bias))
         return dataclasses.replace(
             self, w_in=cast(self.w_in), w_gate=cast(self.w_gate), w_out=cast(self.w_out),

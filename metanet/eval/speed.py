@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from metanet.device import resolve_device
 from metanet.errors import MetanetError
 
 log = logging.getLogger(__name__)
@@ -82,17 +83,6 @@ def per_call_ms(call: Callable[[int], object], calls: int, repeats: int, device:
         end.synchronize()
         times.append(start.elapsed_time(end) / calls)
     return statistics.median(times)
-
-
-def resolve_device(device: str) -> torch.device:
-    """"auto" → cuda when there is one, else cpu; "cuda" without a GPU is a MetanetError."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda"):
-        raise MetanetError(f"device must be auto, cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise MetanetError("--device cuda: no CUDA device is visible here (torch.cuda.is_available() is False)")
-    return torch.device(device)
 
 
 def ffn_speed(moe_modules: list, inputs: dict[int, torch.Tensor], tokens: list[int], device: torch.device,

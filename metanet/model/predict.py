@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from metanet.checkpoints import Checkpoint, open_checkpoint
 from metanet.model.network import MetaNetwork
 from metanet.partition import OperatingPoint, Partition
@@ -38,10 +40,11 @@ def predict_partition(
     router: str | None = None,
     progress: Callable[[], None] | None = None,
     calibration: str = "text",
+    device: torch.device | str = "cpu",
 ) -> Partition:
     """The metanetwork's Partition of `checkpoint`: data-aware when `corpus` is given or `calibration` is "generated"
     (windows the model writes itself), else data-free. `net` None: the shipped model. `router` None: the network's
-    own; any router name of `metanet partition` works."""
+    own; any router name of `metanet partition` works. `device`: where the network runs (layers are moved there)."""
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     point.expert_width(ckpt.d_ff)
     data_aware = bool(corpus) or calibration == "generated"
@@ -49,5 +52,5 @@ def predict_partition(
     return make_partition(
         ckpt, "metanet-data" if data_aware else "metanet", point, router, calibration=layers, seed=seed,
         calib_tokens=split.n_tokens if split else 0, calib_seconds=split.seconds if split else 0.0, calib_source=calibration,
-        progress=progress, metanetwork=net,
+        progress=progress, metanetwork=net, device=device,
     )

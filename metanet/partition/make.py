@@ -9,6 +9,7 @@ can route any partition). Both metanet modes default to the `metanet` router.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from typing import Callable
@@ -55,6 +56,7 @@ def make_partitions(
     progress: Callable[[], None] | None = None,
     metanetwork=None,
     calib_source: str = "text",
+    device: torch.device | str = "cpu",
 ) -> dict[str, Partition]:
     """One neuron assignment per layer with `method`, then each router fitted on it.
 
@@ -62,32 +64,35 @@ def make_partitions(
     router is data-driven. convert_s of each partition = assignment time + its router's
     time + `calib_seconds` (the time spent producing the calibration data) when it used data.
     `calib_source` ("text" or "generated") is recorded in the info of partitions that used it.
-    Returns router name → Partition.
+    `device`: where the metanetwork runs (its forward pass, assignment and own router; each layer is moved
+    there and the results back); baselines and the other routers run on the CPU. Returns router name → Partition.
     """
     names = [resolve_router(method, r) for r in routers]
     expert_width = point.expert_width(checkpoint.d_ff)
     if needs_calibration(method, names) and calibration is None:
         raise MetanetError(f"{method} with router(s) {', '.join(names)} needs calibration text")
     net = _metanetwork(metanetwork) if method in METANET_METHODS or METANET_ROUTER in names else None
+    if net is not None:
+        net = copy.deepcopy(net).to(device)  # a copy: the caller's network stays where it is
     seconds = dict.fromkeys(["assign", *names], 0.0)
     layers: dict[str, list[LayerPartition]] = {name: [] for name in names}
     fingerprints = []
     for layer in checkpoint.layers():
         calib = calibration[layer.index] if calibration is not None else None
         start = time.perf_counter()
-        outputs = None
+        outputs, on_device = None, layer.to(device=device)
         if net is not None:
             with torch.no_grad():
-                outputs = net.neuron_outputs(layer, calib.stats if method == "metanet-data" else None)
+                outputs = net.neuron_outputs(on_device, calib.stats.to(device) if method == "metanet-data" else None)
         if method in METANET_METHODS:
-            assign = net.assign(outputs, layer.d_ff, point, expert_width)
+            assign = net.assign(outputs, layer.d_ff, point, expert_width).cpu()
         else:
             assign = assign_neurons(method, layer, point, calib, seed)
         seconds["assign"] += time.perf_counter() - start
         for name in names:
             start = time.perf_counter()
             if name == METANET_ROUTER:
-                weight, bias = (t.float() for t in expert_router(layer, assign, outputs, point.experts))
+                weight, bias = (t.float().cpu() for t in expert_router(on_device, assign.to(device), outputs, point.experts))
             else:
                 weight, bias = fit_router(name, layer, assign, point, calib, seed)
             seconds[name] += time.perf_counter() - start
