@@ -1,7 +1,9 @@
 """The MoE runtime paths (metanet/kernels) against the float32 reference, on real tiny models.
 
-On a machine without CUDA the Triton decode kernels run under TRITON_INTERPRET=1 (set in
-conftest.py), so their arithmetic is tested on every run; the CUDA tests run where a GPU is.
+The path tests run on DEVICE: the GPU where there is one (every path as it runs there: compiled
+Triton, torch._grouped_mm on CUDA), else the CPU, where the Triton decode kernels run under
+TRITON_INTERPRET=1 (set in conftest.py), so their arithmetic is tested on every run. The tests
+marked needs_cuda add what only a GPU has (CUDA graphs, a wide layer, a loaded checkpoint).
 """
 
 import copy
@@ -25,6 +27,7 @@ from tests_support import make_point, random_partition, relative
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
 
@@ -60,14 +63,14 @@ def test_every_path_equals_the_float32_reference(tiny_models, model_type, activa
     x = device_tokens(n_tokens, tiny.d_model, seed=1)
     mask = moe.route(x)  # [T, E]
     expected = moe_forward(layer, lp.assign, mask, x)  # float32, dense arithmetic
-    moe = moe.to(dtype)
+    moe = moe.to(DEVICE, dtype)
 
     for path in paths_for(n_tokens):
         moe.kernel = path
         with torch.no_grad():
-            y = moe.forward_with_mask(x.to(dtype), mask)
+            y = moe.forward_with_mask(x.to(DEVICE, dtype), mask.to(DEVICE))
         assert y.dtype == dtype
-        assert relative(y.float(), expected) <= TOLERANCE[dtype], path
+        assert relative(y.float().cpu(), expected) <= TOLERANCE[dtype], path
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
@@ -75,15 +78,16 @@ def test_every_path_with_all_experts_is_the_dense_ffn_with_none_is_b_out_and_pad
     tiny = tiny_models[model_type]
     layer, _, moe = moe_layer(tiny, active=tiny.d_ff // 8, pad_to=64)  # k = E; m = 8 padded to 64
     assert moe.expert_width == 64
+    moe = moe.to(DEVICE)
     for n_tokens in (2, 17):
         x = device_tokens(n_tokens, tiny.d_model, seed=n_tokens)
-        nothing = torch.zeros(n_tokens, moe.n_experts, dtype=torch.bool)
+        nothing = torch.zeros(n_tokens, moe.n_experts, dtype=torch.bool, device=DEVICE)
         bias_only = torch.zeros_like(x) if layer.b_out is None else layer.b_out.expand_as(x)
         for path in paths_for(n_tokens):
             moe.kernel = path
             with torch.no_grad():
-                torch.testing.assert_close(moe(x), layer.forward(x), rtol=1e-5, atol=1e-5, msg=path)
-                torch.testing.assert_close(moe.forward_with_mask(x, nothing), bias_only, msg=path)  # no expert: b_out alone
+                torch.testing.assert_close(moe(x.to(DEVICE)).cpu(), layer.forward(x), rtol=1e-5, atol=1e-5, msg=path)
+                torch.testing.assert_close(moe.forward_with_mask(x.to(DEVICE), nothing).cpu(), bias_only, msg=path)  # no expert: b_out alone
 
 
 def test_decode_and_grouped_never_read_the_weights_of_unselected_experts(tiny_models):
@@ -94,13 +98,14 @@ def test_decode_and_grouped_never_read_the_weights_of_unselected_experts(tiny_mo
     unused = (~mask.any(0)).nonzero().squeeze(1)
     assert unused.numel() > 0
     expected = moe_forward(layer, lp.assign, mask, x)
+    moe, x, mask = moe.to(DEVICE), x.to(DEVICE), mask.to(DEVICE)
     with torch.no_grad():
         for weight in (moe.w_in, moe.w_gate, moe.w_out):
             weight[unused] = float("nan")  # anything that multiplied them would turn NaN
 
         for path in [p for p in paths_for(2) if p != "dense"]:
             moe.kernel = path
-            torch.testing.assert_close(moe.forward_with_mask(x, mask), expected, rtol=1e-5, atol=1e-5, msg=path)
+            torch.testing.assert_close(moe.forward_with_mask(x, mask).cpu(), expected, rtol=1e-5, atol=1e-5, msg=path)
         moe.kernel = "dense"  # the dense path reads every weight: it is only chosen when most are needed anyway
         assert moe.forward_with_mask(x, mask).isnan().all()
 
@@ -113,11 +118,12 @@ def test_decode_routes_inside_its_kernel_as_the_router_does(tiny_models, model_t
     point = make_point(tiny.d_ff, active=4, shared=shared)
     lp = random_partition([layer], point, seed=7).layers[0]
     moe = MoEFFN.from_layer(layer, lp, point)
+    on_device = copy.deepcopy(moe).to(DEVICE)
     for seed, n_tokens in enumerate((1, 2, 4, 7, DECODE_MAX_TOKENS)):
         x = device_tokens(n_tokens, tiny.d_model, seed=seed)
         expected = moe_forward(layer, lp.assign, moe.route(x), x)  # b_out included
         with torch.no_grad():
-            torch.testing.assert_close(moe_output(moe, x, None, "decode"), expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(moe_output(on_device, x.to(DEVICE), None, "decode").cpu(), expected, rtol=1e-5, atol=1e-5)
 
 
 @needs_triton
@@ -152,8 +158,8 @@ def test_paths_run_inside_a_converted_model(tiny_models):
     tiny = tiny_models["llama"]
     layers = dense_ffn_layers(tiny.model, tiny.family)
     point = make_point(tiny.d_ff, active=3)
-    model = convert(copy.deepcopy(tiny.model), tiny.family, random_partition(layers, point, seed=2))
-    ids = torch.randint(0, 64, (1, 4), generator=torch.Generator().manual_seed(1))
+    model = convert(copy.deepcopy(tiny.model), tiny.family, random_partition(layers, point, seed=2)).to(DEVICE)
+    ids = torch.randint(0, 64, (1, 4), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     with torch.no_grad():
         logits = {}
         for path in paths_for(4):

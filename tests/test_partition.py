@@ -7,7 +7,7 @@ from metanet.calib import neuron_stats
 from metanet.checkpoints import open_checkpoint
 from metanet.errors import MetanetError
 from metanet.partition import LayerPartition, OperatingPoint, Partition
-from metanet.partition.balanced import balanced_assign, balanced_kmeans, optimal_balanced_assign
+from metanet.partition.balanced import balanced_assign, balanced_kmeans, cluster_sums, optimal_balanced_assign
 from metanet.partition.methods import METHODS, LayerCalibration, assign_neurons, output_weighted_norms
 from metanet.partition.routers import ROUTERS, fit_router
 
@@ -97,6 +97,15 @@ def test_balanced_kmeans_recovers_planted_clusters():
     found = balanced_kmeans(points, 4, 10, seed=3)
     # same clustering up to relabelling: every found cluster is one true cluster
     assert all(len(set(truth[found == c].tolist())) == 1 for c in range(4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_balanced_kmeans_on_a_gpu_sums_clusters_like_the_cpu_and_repeats_itself_exactly():
+    generator = torch.Generator().manual_seed(0)
+    x, assign = torch.randn(4096, 300, generator=generator), torch.randperm(4096, generator=generator) % 16
+    torch.testing.assert_close(cluster_sums(x.cuda(), assign.cuda(), 16).cpu(), cluster_sums(x, assign, 16), rtol=1e-4, atol=1e-4)
+    runs = [balanced_kmeans(x.cuda(), 16, 256, init="farthest", dtype=torch.float32) for _ in range(3)]
+    assert all(torch.equal(run, runs[0]) for run in runs)  # no atomics in the centroid sums: the same partition every run
 
 
 def test_centroid_and_scaled_routers_are_the_member_means(relu_layer):

@@ -21,7 +21,9 @@ programs at once, each with all of its row's loads in flight (one program stream
 by block waits on memory once per block: ~32 round trips at d=4096); the down kernel neither
 waits on one load per expert to learn whether it is selected nor restarts its pipeline per expert.
 Tokens are padded to 16 rows so that each block product is one `tl.dot`; weights are
-loaded in their own dtype (the bytes that bound decode time) and multiplied in float32.
+loaded in their own dtype (the bytes that bound decode time) and multiplied in float32: on tensor
+cores as TF32 for 16-bit weights (their values are exact in TF32; the float32 activations H lose
+their last 13 mantissa bits, ~1e-4 relative), as exact float32 products for float32 weights.
 Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (set before this module
 is imported), which the CPU tests use.
 """
@@ -103,7 +105,7 @@ def _up_kernel(
     x_ptr, scores_ptr, use_ptr, w_in_ptr, w_gate_ptr, b_in_ptr, h_ptr,
     n_tokens, n_experts, width, d_model, shared, routed_active,
     ROUTE: tl.constexpr, EXPERT_LANES: tl.constexpr,
-    ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     TOKEN_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     expert = tl.program_id(0)
@@ -127,10 +129,10 @@ def _up_kernel(
             block = expert_offset + rows[:, None] * d_model + cols[None, :]
             in_block = (rows[:, None] < width) & (cols[None, :] < d_model)
             w = tl.load(w_in_ptr + block, mask=in_block, other=0.0).to(tl.float32)  # [BM, BD]
-            z = tl.dot(x, tl.trans(w), z)
+            z = tl.dot(x, tl.trans(w), z, input_precision=PRECISION)
             if GATED:
                 g = tl.load(w_gate_ptr + block, mask=in_block, other=0.0).to(tl.float32)
-                gate = tl.dot(x, tl.trans(g), gate)
+                gate = tl.dot(x, tl.trans(g), gate, input_precision=PRECISION)
         if HAS_BIAS:
             z += tl.load(b_in_ptr + expert * width + rows, mask=rows < width, other=0.0).to(tl.float32)[None, :]
         h = _activation(z, ACTIVATION)
@@ -145,7 +147,8 @@ def _up_kernel(
 def _down_kernel(
     h_ptr, use_ptr, w_out_ptr, b_out_ptr, y_ptr,
     n_tokens, n_experts, width, d_model,
-    HAS_BIAS: tl.constexpr, EXPERT_LANES: tl.constexpr, TOKEN_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, EXPERT_LANES: tl.constexpr, TOKEN_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     tokens = tl.arange(0, TOKEN_ROWS)
     is_token = tokens < n_tokens
@@ -164,7 +167,7 @@ def _down_kernel(
                     mask=is_token[:, None] & (neurons[None, :] < width), other=0.0)  # [16, BM]
         w = tl.load(w_out_ptr + expert.to(tl.int64) * d_model * width + cols[:, None] * width + neurons[None, :],
                     mask=(cols[:, None] < d_model) & (neurons[None, :] < width), other=0.0).to(tl.float32)  # [BD, BM]
-        acc = tl.dot(h, tl.trans(w), acc)  # [16, BD]
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)  # [16, BD]
     if HAS_BIAS:
         acc += tl.load(b_out_ptr + cols, mask=cols < d_model, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + tokens[:, None] * d_model + cols[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -225,6 +228,7 @@ def launches(
     shape = {"n_tokens": n_tokens, "n_experts": n_experts, "width": width, "d_model": d}
     lanes = max(16, _power_of_two(n_experts))
     options = {"num_warps": tiling.num_warps, "num_stages": tiling.num_stages}
+    precision = "ieee" if w_in.dtype == torch.float32 else "tf32"  # float32 weights: products as exact as the torch paths
     route = scores is not None
     token_lanes = _power_of_two(n_tokens)
     calls = [] if not route else [Launch(_score_kernel, (n_experts,), {
@@ -237,12 +241,12 @@ def launches(
         "x_ptr": x, "scores_ptr": scores if route else use, "use_ptr": use, "w_in_ptr": w_in, "w_gate_ptr": w_in if w_gate is None else w_gate,
         "b_in_ptr": w_in if b_in is None else b_in, "h_ptr": h, **shape, "shared": ffn.point.shared, "routed_active": ffn.point.routed_active,
         "ROUTE": route, "EXPERT_LANES": lanes, "ACTIVATION": ffn.activation, "GATED": w_gate is not None, "HAS_BIAS": b_in is not None,
-        "TOKEN_ROWS": _TOKEN_ROWS, "BLOCK_M": block_m, "BLOCK_D": block_d, **options,
+        "PRECISION": precision, "TOKEN_ROWS": _TOKEN_ROWS, "BLOCK_M": block_m, "BLOCK_D": block_d, **options,
     }))
     block_d, block_m = tiling.down_block
     calls.append(Launch(_down_kernel, (_ceil_div(d, block_d),), {
         "h_ptr": h, "use_ptr": use, "w_out_ptr": w_out, "b_out_ptr": w_out if b_out is None else b_out, "y_ptr": y, **shape,
-        "HAS_BIAS": b_out is not None, "EXPERT_LANES": lanes, "TOKEN_ROWS": _TOKEN_ROWS, "BLOCK_D": block_d, "BLOCK_M": block_m, **options,
+        "HAS_BIAS": b_out is not None, "PRECISION": precision, "EXPERT_LANES": lanes, "TOKEN_ROWS": _TOKEN_ROWS, "BLOCK_D": block_d, "BLOCK_M": block_m, **options,
     }))
     return calls
 

@@ -88,10 +88,21 @@ def balanced_kmeans(
         if assign is not None and torch.equal(new_assign, assign):
             break
         assign = new_assign
-        centroids = torch.zeros_like(centroids).index_add_(0, assign, x) / capacity
+        centroids = cluster_sums(x, assign, k) / capacity
         if spherical:
             centroids = torch.nn.functional.normalize(centroids, dim=1)
     return assign
+
+
+def cluster_sums(x: torch.Tensor, assign: torch.Tensor, k: int) -> torch.Tensor:
+    """Σ of the rows of each cluster.   x: [n, D], assign: [n] in 0..k-1 → [k, D]
+
+    index_add on the CPU. On a GPU index_add adds with atomics in no fixed order, so the sums, and
+    through near-ties the partition, would vary from run to run: there a one-hot product, whose
+    order is fixed (n·k·D multiply-adds, nothing for a GPU at k ≤ 64)."""
+    if x.is_cuda:
+        return torch.nn.functional.one_hot(assign, k).T.to(x.dtype) @ x
+    return torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, assign, x)
 
 
 def _farthest_points(x: torch.Tensor, k: int) -> torch.Tensor:
