@@ -9,7 +9,8 @@ set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:?set OUT to the folder the results go to}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu-tests.log"
-python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_model.py 2>&1 | tee -a "$OUT/gpu-tests.log" | tail -15
+python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tee -a "$OUT/gpu-tests.log" | tail -15
+python3 -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_partition.py -k gpu 2>&1 | tee -a "$OUT/gpu-tests.log" | tail -5
 python3 benchmarks/metanetwork.py --only-predict-time --device cuda 2>&1 | tail -2 | tee -a "$OUT/gpu-tests.log"
 cp benchmarks/results/metanet.md benchmarks/results/metanet.json "$OUT/"
 python3 -m benchmarks.moe_kernels --paths --e2e --tune --out "$OUT" 2>&1 | tee "$OUT/gpu-bench.log" | tail -40
