@@ -6,6 +6,7 @@ import torch
 
 from metanet.errors import MetanetError
 
+
 def resolve_device(device: str) -> torch.device:
     """"auto" → cuda when there is one, else cpu; "cuda" without a GPU is a MetanetError."""
     if device == "auto":

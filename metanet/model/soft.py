@@ -29,7 +29,7 @@ from metanet.checkpoints import FFNLayer
 from metanet.model.network import NeuronOutputs
 from metanet.model.synthetic import synthetic_inputs
 from metanet.moe.routing import select_experts
-from metanet.partition.balanced import balanced_kmeans
+from metanet.partition.balanced import balanced_kmeans, cluster_sums
 from metanet.partition.least_squares import least_squares
 from metanet.partition.partition import OperatingPoint
 
@@ -51,7 +51,7 @@ def soft_partition(z: torch.Tensor, k: int, capacity: int, tau: float = 0.1, ite
     straight_through: the value is that hard one-hot partition, the gradient the soft P's."""
     with torch.no_grad():
         hard = balanced_kmeans(z.detach(), k, capacity, iters=iters, init="farthest", dtype=torch.float32)
-    centroids = torch.nn.functional.normalize(torch.zeros(k, z.shape[1], dtype=z.dtype, device=z.device).index_add(0, hard, z), dim=1)
+    centroids = torch.nn.functional.normalize(cluster_sums(z, hard, k), dim=1)
     p = sinkhorn(z @ centroids.T / tau, capacity)
     return _straight_through(torch.nn.functional.one_hot(hard, k).to(p.dtype), p) if straight_through else p
 
