@@ -86,6 +86,7 @@ TRACE_EXPERTS = (16, 32)
 
 ROUTINGS = ("trace", "uniform")
 PAD_TO = 64  # expert width padding, as in the MoE checkpoint
+AUTO_SLACK = 0.05  # the path choice section flags auto paths slower than the fastest forced path by more than this
 VARIANTS = 16  # routing masks and inputs per measurement
 WEIGHT_SETS = 4  # independent copies of each layer the calls rotate through
 
@@ -624,11 +625,31 @@ def report(results: dict) -> str:
                              f"{fmt(r.get('dense_graph_ms'), 4)} | {fmt(r.get('moe_graph_ms'), 4)} | {speedup(r.get('graph_speedup'))} | "
                              + "".join(f"{fmt(r.get('paths', {}).get(p), 4)} | " for p in path_names) + f"{errors} |")
             lines.append("")
+    lines += path_choice_section(rows)
     timing = "wall-clock time per call" if results["smoke"] else "CUDA-graph time per call"
     lines += e2e_section(results.get("e2e")) + tune_section(results.get("tune"), timing)
     if results["errors"]:
         lines += ["## Failed measurements", "", *(f"- {e}" for e in results["errors"]), ""]
     return "\n".join(lines)
+
+
+def path_choice_section(rows: list[dict]) -> list[str]:
+    """Per (shape, routing, T): the path the auto choice took against the fastest forced path (eager times, --paths), the
+    figures DECODE_MAX_TOKENS, DENSE_MAX_TOKENS and DENSE_MIN_UNION in metanet/kernels/dispatch.py are to be set from."""
+    timed = [r for r in rows if r.get("paths") and r.get("moe_ms")]
+    if not timed:
+        return []
+    lines = ["## Path choice", "",
+             f"The auto path against the fastest forced path of the same row (eager). ⚠ marks rows where auto is more than "
+             f"{AUTO_SLACK:.0%} slower: the thresholds in `metanet/kernels/dispatch.py` belong where the fastest path changes.", "",
+             "| f | E | routing | T | experts run (mean) | auto path | fastest path | auto ms / fastest ms |", "|---|---|---|---|---|---|---|---|"]
+    for r in timed:
+        fastest, fastest_ms = min(((p, ms) for p, ms in r["paths"].items() if ms), key=lambda pair: pair[1])
+        auto = "/".join(r["auto_path"])
+        excess = r["moe_ms"] / fastest_ms
+        lines.append(f"| {r['f']} | {r['experts']} | {r['routing']} | {r['tokens']} | {r['union']:.1f} | {auto} | {fastest} | "
+                     f"{excess:.2f}{' ⚠' if excess > 1 + AUTO_SLACK else ''} |")
+    return lines + [""]
 
 
 def pct(value: float | None) -> str:

@@ -34,3 +34,5 @@ def test_kernel_benchmark_smoke_run_writes_measured_rows_and_names_the_device(tm
     markdown = (tmp_path / "smoke.md").read_text()
     assert results["device"]["name"] in markdown
     assert "all-MiniLM-L6-v2" in markdown  # where the replayed routing comes from
+    choice = markdown.split("## Path choice")[1].split("## ")[0]  # every timed row: auto path against the fastest forced one
+    assert sum(line.startswith("| 512 | 16 |") for line in choice.splitlines()) == len(results["rows"])
