@@ -80,7 +80,7 @@ def make_partitions(
     for layer in checkpoint.layers():
         calib = calibration[layer.index] if calibration is not None else None
         start = time.perf_counter()
-        outputs, on_device = None, layer.to(device=device)
+        outputs, on_device = None, layer.to(device=device) if net is not None else layer  # the network's copy of the layer
         if net is not None:
             with torch.no_grad():
                 outputs = net.neuron_outputs(on_device, calib.stats.to(device) if method == "metanet-data" else None)
