@@ -208,11 +208,6 @@ def decode_steps_speed(model, prompt: torch.Tensor, new_tokens: int, device: tor
             "matches_generate": bool(torch.equal(torch.cat(tokens, dim=1), expected))}
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _cache_keyword(model) -> str:
     """The forward's name for the KV cache: `cache` from transformers 5.2x on (`past_key_values` before, deprecated then)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
