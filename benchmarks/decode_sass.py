@@ -67,21 +67,22 @@ def meta_moe(d: int, f: int, experts: int, dtype: torch.dtype = torch.bfloat16, 
     )
 
 
-def decode_launches(moe: MoEFFN, n_tokens: int, tiling: Tiling = Tiling()) -> list[Launch]:
-    """The launches of one routed decode call of `moe` on n_tokens tokens (meta tensors)."""
+def decode_launches(moe: MoEFFN, n_tokens: int, tiling: Tiling = Tiling()) -> list[tuple[Launch, dict]]:
+    """The launches of one routed decode call of `moe` on n_tokens tokens, each with its arguments (meta tensors)."""
     n_experts, width, d = moe.w_in.shape
     meta = lambda *shape, dtype: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
-    return launches(moe, meta(n_tokens, d, dtype=moe.w_in.dtype), meta(n_tokens, n_experts, dtype=torch.float32),
-                    meta(n_tokens, n_experts, dtype=torch.uint8), meta(n_tokens, n_experts, width, dtype=torch.float32),
-                    meta(n_tokens, d, dtype=moe.w_in.dtype), tiling)
+    tensors = {**moe.weights(), "x": meta(n_tokens, d, dtype=moe.w_in.dtype), "scores": meta(n_tokens, n_experts, dtype=torch.float32),
+               "use": meta(n_tokens, n_experts, dtype=torch.uint8), "h": meta(n_tokens, n_experts, width, dtype=torch.float32),
+               "y": meta(n_tokens, d, dtype=moe.w_in.dtype)}
+    return [(launch, launch.arguments(tensors)) for launch in launches(moe, n_tokens, route=True, tiling=tiling)]
 
 
-def compile_launch(launch: Launch, target: GPUTarget = HOPPER):
+def compile_launch(launch: Launch, arguments: dict, target: GPUTarget = HOPPER):
     """launch's kernel compiled for `target`, its arguments specialised as the JIT would on a GPU."""
     kernel = launch.kernel
     signature, constexprs, attrs, options = {}, {}, {}, {}
     for index, name in enumerate(kernel.arg_names):
-        value = launch.arguments[name]
+        value = arguments[name]
         if kernel.params[index].is_constexpr:
             signature[name], constexprs[name] = "constexpr", value
             continue
@@ -91,7 +92,7 @@ def compile_launch(launch: Launch, target: GPUTarget = HOPPER):
             constexprs[name] = value
         elif divisible:
             attrs[(index,)] = [["tt.divisibility", 16]]
-    options = {key: launch.arguments[key] for key in ("num_warps", "num_stages") if key in launch.arguments}
+    options = {key: arguments[key] for key in ("num_warps", "num_stages") if key in arguments}
     return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options)
 
 
@@ -133,14 +134,14 @@ def survey() -> list[dict]:
         for n_tokens in (1, 4, 16):
             seen = set()
             for tiling in tilings if n_tokens < 16 else [default]:
-                for launch in decode_launches(moe, n_tokens, tiling):
+                for launch, arguments in decode_launches(moe, n_tokens, tiling):
                     name = launch.kernel.fn.__name__.strip("_").removesuffix("_kernel")
                     block = {"score": "", "up": "×".join(map(str, tiling.up_block)), "down": "×".join(map(str, tiling.down_block))}[name]
-                    warps, stages = launch.arguments["num_warps"], launch.arguments.get("num_stages", "")
+                    warps, stages = arguments["num_warps"], arguments.get("num_stages", "")
                     if (name, block, warps, stages) in seen:
                         continue
                     seen.add((name, block, warps, stages))
-                    facts = machine_code_facts(compile_launch(launch))
+                    facts = machine_code_facts(compile_launch(launch, arguments))
                     rows.append({"d": d, "f": f, "experts": experts, "tokens": n_tokens, "kernel": name, "block": block, "num_warps": warps,
                                  "num_stages": stages, "grid": list(launch.grid), **facts})
                     log.info("%s", rows[-1])
@@ -151,8 +152,8 @@ def check() -> list[dict]:
     """Facts of the launches of two layers (4096×14336 bf16 gated SiLU at T=1; 384×1536 float32 GELU with biases at T=16): the test's sample."""
     rows = []
     for moe, n_tokens in ((meta_moe(4096, 14336, 16), 1), (meta_moe(384, 1536, 16, torch.float32, "gelu", gated=False, biased=True), 16)):
-        for launch in decode_launches(moe, n_tokens):
-            rows.append({"kernel": launch.kernel.fn.__name__, "dtype": str(moe.w_in.dtype), **machine_code_facts(compile_launch(launch))})
+        for launch, arguments in decode_launches(moe, n_tokens):
+            rows.append({"kernel": launch.kernel.fn.__name__, "dtype": str(moe.w_in.dtype), **machine_code_facts(compile_launch(launch, arguments))})
     return rows
 
 

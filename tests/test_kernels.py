@@ -127,6 +127,28 @@ def test_decode_routes_inside_its_kernel_as_the_router_does(tiny_models, model_t
 
 
 @needs_triton
+def test_decode_reuses_launches_only_for_layers_of_the_same_kind(tiny_models):
+    # decode caches its launches by token count and layer kind: layers that differ only in gate, biases,
+    # activation, routing or weight dtype, called in turn, must each get their own
+    _, _, gated = moe_layer(tiny_models["llama"], active=3)
+    g = torch.Generator().manual_seed(4)
+    E, m, d = gated.w_in.shape
+    plain = MoEFFN(gated.w_in.detach(), gated.w_out.detach(), gated.router_weight.detach(), gated.router_bias.detach(), gated.order,
+                   make_point(E * m, active=2, shared=1), "gelu", b_in=torch.randn(E, m, generator=g), b_out=torch.randn(d, generator=g))
+    layers = [gated, plain, copy.deepcopy(plain).to(torch.bfloat16)]
+    x = device_tokens(3, d, seed=6)
+    with torch.no_grad():
+        for _ in range(2):
+            for layer in layers:
+                on_device, tokens = layer.to(DEVICE), x.to(DEVICE, layer.w_in.dtype)
+                mask = on_device.route(tokens)
+                for routing in (None, mask):
+                    y = moe_output(on_device, tokens, routing, "decode").float()
+                    reference = moe_output(on_device, tokens, mask, "reference").float()
+                    assert relative(y.cpu(), reference.cpu()) <= TOLERANCE[layer.w_in.dtype], (layer, routing is None)
+
+
+@needs_triton
 def test_decode_kernels_compile_for_hopper_with_16_byte_weight_loads_and_no_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels, not the interpreter's
     run = subprocess.run([sys.executable, "-m", "benchmarks.decode_sass", "--check"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -30,7 +30,9 @@ is imported), which the CPU tests use.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache
 from typing import TYPE_CHECKING
 
 import torch
@@ -174,6 +176,9 @@ def _down_kernel(
              mask=is_token[:, None] & (cols[None, :] < d_model))
 
 
+_INTERPRETED = not isinstance(_up_kernel, triton.JITFunction)  # under TRITON_INTERPRET=1: the kernels run on CPU tensors through numpy
+
+
 @dataclass(frozen=True)
 class Tiling:
     """Block sizes and launch options of the up and down kernels (powers of two ≥ 16);
@@ -187,81 +192,82 @@ class Tiling:
 
 @dataclass(frozen=True)
 class Launch:
-    """One kernel launch: kernel[grid](**arguments), launch options included (num_warps, num_stages)."""
+    """One kernel launch: kernel[grid](**arguments(tensors)). Everything but the tensors is fixed by the layer's shape,
+    the token count and the tiling, so a decode call reuses its launches and only binds this call's tensors."""
 
     kernel: triton.JITFunction
     grid: tuple[int, ...]
-    arguments: dict
+    constants: dict  # sizes, flags, block sizes and launch options (num_warps, num_stages)
+    tensors: dict[str, str]  # kernel argument → name of its tensor: a weight (MoEFFN.weights()) or a call buffer (x, scores, use, h, y)
+
+    def arguments(self, tensors: Mapping[str, torch.Tensor]) -> dict:
+        return {**self.constants, **{argument: tensors[name] for argument, name in self.tensors.items()}}
 
 
 def decode_output(ffn: MoEFFN, tokens: torch.Tensor, mask: torch.Tensor | None = None, tiling: Tiling = Tiling()) -> torch.Tensor:
     """y = Σ_e mask[t, e] · y_e(x_t) + b_out in the tokens' dtype, for at most MAX_TOKENS tokens.
 
     tokens: [T, d], mask: bool [T, E], or None for the router's own selection → y: [T, d]
+    This runs once per layer per generated token, so the host work is kept to binding tensors to cached launches.
     """
     n_tokens, d = tokens.shape
-    n_experts, width, _ = ffn.w_in.shape
     if n_tokens > MAX_TOKENS:
         raise MetanetError(f"the decode kernel takes at most {MAX_TOKENS} tokens, got {n_tokens}")
-    x = _plain(tokens).contiguous()
-    if mask is None:
-        use = torch.empty((n_tokens, n_experts), dtype=torch.uint8, device=x.device)  # [T, E] 1 = selected, written by the up kernel
-        scores = torch.empty((n_tokens, n_experts), dtype=torch.float32, device=x.device)  # [T, E] written by the score kernel
-    else:
-        use = mask.contiguous().view(torch.uint8)  # [T, E] the bool mask's bytes, no copy
-        scores = None
-    h = torch.empty((n_tokens, n_experts, width), dtype=torch.float32, device=x.device)  # read only where use = 1
-    y = torch.empty((n_tokens, d), dtype=tokens.dtype, device=x.device)
-    for launch in launches(ffn, x, scores, use, h, y, tiling):
-        launch.kernel[launch.grid](**launch.arguments)
-    return y
+    weights = ffn.weights()
+    n_experts, width, _ = weights["w_in"].shape
+    x = tokens.contiguous()
+    route = mask is None
+    tensors = {
+        **weights, "x": x,
+        "y": x.new_empty((n_tokens, d)),
+        "h": x.new_empty((n_tokens, n_experts, width), dtype=torch.float32),  # read only where use = 1
+        # [T, E] 1 = selected: written by the up kernel when it routes, else the bool mask's bytes (no copy)
+        "use": x.new_empty((n_tokens, n_experts), dtype=torch.uint8) if route else mask.contiguous().view(torch.uint8),
+    }
+    if route:
+        tensors["scores"] = x.new_empty((n_tokens, n_experts), dtype=torch.float32)  # [T, E] written by the score kernel
+    if _INTERPRETED:  # the interpreter reads tensors through numpy, which refuses autograd history
+        tensors = {name: None if t is None else t.detach() for name, t in tensors.items()}
+    for launch in launches(ffn, n_tokens, route, tiling):
+        launch.kernel[launch.grid](**launch.arguments(tensors))
+    return tensors["y"]
 
 
-def launches(
-    ffn: MoEFFN, x: torch.Tensor, scores: torch.Tensor | None, use: torch.Tensor, h: torch.Tensor, y: torch.Tensor, tiling: Tiling,
-) -> list[Launch]:
-    """The launches of one decode call, for decode_output and for compiling them ahead of time (benchmarks/decode_sass.py).
-    x: [T, d], scores: float32 [T, E] (None: `use` holds the mask, so no routing), use: uint8 [T, E], h: float32 [T, E, m], y: [T, d]"""
-    n_tokens, d = x.shape
-    n_experts, width, _ = ffn.w_in.shape
-    w_in, w_gate, b_in, w_out, b_out = (None if t is None else _plain(t) for t in (ffn.w_in, ffn.w_gate, ffn.b_in, ffn.w_out, ffn.b_out))
+def launches(ffn: MoEFFN, n_tokens: int, route: bool, tiling: Tiling = Tiling()) -> tuple[Launch, ...]:
+    """The launches of one decode call of `ffn` on n_tokens tokens (route: the kernels select the experts, else a mask
+    given as `use` does), for decode_output and for compiling them ahead of time (benchmarks/decode_sass.py)."""
+    weights = ffn.weights()
+    w_in = weights["w_in"]
+    return _launches(n_tokens, route, tiling, *w_in.shape, w_in.dtype, weights["w_gate"] is not None, weights["b_in"] is not None,
+                     weights["b_out"] is not None, ffn.point.shared, ffn.point.routed_active, ffn.activation)
+
+
+@cache
+def _launches(
+    n_tokens: int, route: bool, tiling: Tiling, n_experts: int, width: int, d: int, weight_dtype: torch.dtype,
+    gated: bool, has_b_in: bool, has_b_out: bool, shared: int, routed_active: int, activation: str,
+) -> tuple[Launch, ...]:
+    """launches() for a layer given by its shape and kind (hashable, so each combination is built once)."""
     shape = {"n_tokens": n_tokens, "n_experts": n_experts, "width": width, "d_model": d}
-    lanes = max(16, _power_of_two(n_experts))
+    lanes = max(16, triton.next_power_of_2(n_experts))
     options = {"num_warps": tiling.num_warps, "num_stages": tiling.num_stages}
-    precision = "ieee" if w_in.dtype == torch.float32 else "tf32"  # float32 weights: products as exact as the torch paths
-    route = scores is not None
-    token_lanes = _power_of_two(n_tokens)
+    precision = "ieee" if weight_dtype == torch.float32 else "tf32"  # float32 weights: products as exact as the torch paths
+    token_lanes = triton.next_power_of_2(n_tokens)
     calls = [] if not route else [Launch(_score_kernel, (n_experts,), {
-        "x_ptr": x, "router_weight_ptr": _plain(ffn.router_weight), "router_bias_ptr": _plain(ffn.router_bias), "scores_ptr": scores,
         "n_tokens": n_tokens, "n_experts": n_experts, "d_model": d,
-        "TOKEN_LANES": token_lanes, "BLOCK_D": min(SCORE_ELEMENTS // token_lanes, _power_of_two(d)), "num_warps": SCORE_WARPS,
-    })]
+        "TOKEN_LANES": token_lanes, "BLOCK_D": min(SCORE_ELEMENTS // token_lanes, triton.next_power_of_2(d)), "num_warps": SCORE_WARPS,
+    }, {"x_ptr": "x", "router_weight_ptr": "router_weight", "router_bias_ptr": "router_bias", "scores_ptr": "scores"})]
     block_m, block_d = tiling.up_block
-    calls.append(Launch(_up_kernel, (n_experts, _ceil_div(width, block_m)), {
-        "x_ptr": x, "scores_ptr": scores if route else use, "use_ptr": use, "w_in_ptr": w_in, "w_gate_ptr": w_in if w_gate is None else w_gate,
-        "b_in_ptr": w_in if b_in is None else b_in, "h_ptr": h, **shape, "shared": ffn.point.shared, "routed_active": ffn.point.routed_active,
-        "ROUTE": route, "EXPERT_LANES": lanes, "ACTIVATION": ffn.activation, "GATED": w_gate is not None, "HAS_BIAS": b_in is not None,
+    calls.append(Launch(_up_kernel, (n_experts, triton.cdiv(width, block_m)), {
+        **shape, "shared": shared, "routed_active": routed_active,
+        "ROUTE": route, "EXPERT_LANES": lanes, "ACTIVATION": activation, "GATED": gated, "HAS_BIAS": has_b_in,
         "PRECISION": precision, "TOKEN_ROWS": _TOKEN_ROWS, "BLOCK_M": block_m, "BLOCK_D": block_d, **options,
-    }))
+    }, {"x_ptr": "x", "scores_ptr": "scores" if route else "use", "use_ptr": "use", "w_in_ptr": "w_in",
+        "w_gate_ptr": "w_gate" if gated else "w_in", "b_in_ptr": "b_in" if has_b_in else "w_in", "h_ptr": "h"}))  # unused pointers: any tensor
     block_d, block_m = tiling.down_block
-    calls.append(Launch(_down_kernel, (_ceil_div(d, block_d),), {
-        "h_ptr": h, "use_ptr": use, "w_out_ptr": w_out, "b_out_ptr": w_out if b_out is None else b_out, "y_ptr": y, **shape,
-        "HAS_BIAS": b_out is not None, "PRECISION": precision, "EXPERT_LANES": lanes, "TOKEN_ROWS": _TOKEN_ROWS, "BLOCK_D": block_d, "BLOCK_M": block_m, **options,
-    }))
-    return calls
+    calls.append(Launch(_down_kernel, (triton.cdiv(d, block_d),), {
+        **shape, "HAS_BIAS": has_b_out, "PRECISION": precision, "EXPERT_LANES": lanes, "TOKEN_ROWS": _TOKEN_ROWS,
+        "BLOCK_D": block_d, "BLOCK_M": block_m, **options,
+    }, {"h_ptr": "h", "use_ptr": "use", "w_out_ptr": "w_out", "b_out_ptr": "b_out" if has_b_out else "w_out", "y_ptr": "y"}))
+    return tuple(calls)
 
-
-def _power_of_two(n: int) -> int:
-    """The least power of two ≥ n (triton.next_power_of_2 costs ~1.5 µs a call: this runs on every decode call)."""
-    return 1 << (n - 1).bit_length()
-
-
-def _ceil_div(a: int, b: int) -> int:
-    """⌈a / b⌉ (triton.cdiv's cost, as above)."""
-    return -(-a // b)
-
-
-def _plain(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor without autograd history where it has any (Triton's interpreter reads tensors through numpy);
-    a loaded model's parameters need nothing, which saves a microsecond per tensor on every decode call."""
-    return tensor.detach() if tensor.requires_grad else tensor

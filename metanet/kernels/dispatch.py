@@ -72,7 +72,13 @@ def moe_output(ffn: MoEFFN, tokens: torch.Tensor, mask: torch.Tensor | None = No
     tokens: [T, d]; mask: bool [T, E], or None for the router's selection (`ffn.route`) → y: [T, d]
     The torch paths return float32 sums that are finished here; decode finishes in its kernel.
     """
-    selection = cache(lambda: ffn.route(tokens) if mask is None else mask)  # the router runs at most once, and only if asked
+    chosen = mask
+
+    def selection() -> torch.Tensor:  # the router runs at most once, and only if asked (decode routes in its kernels)
+        nonlocal chosen
+        if chosen is None:
+            chosen = ffn.route(tokens)
+        return chosen
 
     if path == "auto":
         path = choose_path(ffn, tokens, selection)

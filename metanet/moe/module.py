@@ -79,13 +79,9 @@ class MoEFFN(nn.Module):
         self.activation = activation
         self.index = index
         self.family = family
-        self.w_in = nn.Parameter(w_in.contiguous())
-        self.w_gate = None if w_gate is None else nn.Parameter(w_gate.contiguous())
-        self.w_out = nn.Parameter(w_out.contiguous())
-        self.b_in = None if b_in is None else nn.Parameter(b_in.contiguous())
-        self.b_out = None if b_out is None else nn.Parameter(b_out.contiguous())
-        self.router_weight = nn.Parameter(router_weight.contiguous())
-        self.router_bias = nn.Parameter(router_bias.contiguous())
+        for name, tensor in given.items():  # absent ones (w_gate, b_in, b_out) registered as None, so weights() names them all
+            if name != "order":
+                self.register_parameter(name, None if tensor is None else nn.Parameter(tensor.contiguous()))
         self.kernel = "auto"  # runtime path of forward: "auto" or one of metanet.kernels.PATHS
         self.register_buffer("order", order.to(device=w_in.device, dtype=torch.int64).contiguous())
 
@@ -153,6 +149,11 @@ class MoEFFN(nn.Module):
     def gated(self) -> bool:
         return self.w_gate is not None
 
+    def weights(self) -> dict[str, torch.Tensor | None]:
+        """The parameters by name: w_in, w_gate, w_out, b_in, b_out, router_weight, router_bias (None where the layer has
+        none). One dict read, for code that runs on every call (nn.Module's attribute lookup costs ~1 µs a name)."""
+        return self._parameters
+
     def assign(self) -> torch.Tensor:
         """Expert id of each original hidden neuron (pad neurons left out).   → int64 [f]"""
         experts = torch.arange(self.n_experts, device=self.order.device).repeat_interleave(self.expert_width)  # [E·m]
@@ -174,7 +175,7 @@ class MoEFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y = Σ_{e∈S(x)} y_e(x) + b_out with S(x) from the router.   x: [..., d] → y: [..., d]"""
         self._check_input(x)
-        return moe_output(self, x.reshape(-1, self.d_model), None, self.kernel).reshape(x.shape)
+        return moe_output(self, x.reshape(-1, x.shape[-1]), None, self.kernel).reshape(x.shape)
 
     def forward_with_mask(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """y = Σ_e mask[t, e] · y_e(x_t) + b_out for any expert selection (oracle routing, ablations).
