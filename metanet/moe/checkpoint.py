@@ -296,7 +296,7 @@ def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
     routers (float32); None keeps the stored dtype.
     """
     folder = Path(folder)
-    model = _read_model(folder, dtype, source=folder)
+    model = _read_model(folder, dtype, source=folder, device=device)
     if model.can_generate() and (folder / "generation_config.json").is_file():
         from transformers import GenerationConfig
 
@@ -304,8 +304,10 @@ def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
     return model.to(device).eval().requires_grad_(False)
 
 
-def _read_model(folder: Path, dtype: torch.dtype | None, source: Path) -> nn.Module:
-    """The MoE model of `folder` on the CPU, every tensor checked; `source` is named when a needed tensor is missing."""
+def _read_model(folder: Path, dtype: torch.dtype | None, source: Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The MoE model of `folder`, every tensor checked; `source` is named when a needed tensor is missing.
+    Each layer's experts go to `device` as soon as they are read (host memory then holds at most one layer's experts
+    besides the rest of the model); the rest of the model stays on the CPU."""
     config, moe = read_config(folder)
     checksums = _read_checksums(folder, moe)
     family = family_for(config)
@@ -315,7 +317,7 @@ def _read_model(folder: Path, dtype: torch.dtype | None, source: Path) -> nn.Mod
     dtype = dtype or getattr(torch, moe["dtype"])
     point = OperatingPoint(moe["experts"], moe["active"], moe["shared"])
     modules = [
-        _moe_module(_read_verified(folder / layer_file(i), checksums[layer_file(i)]), i, layout, family.name, point, dtype)
+        _moe_module(_read_verified(folder / layer_file(i), checksums[layer_file(i)]), i, layout, family.name, point, dtype).to(device)
         for i in range(layout.n_layers)
     ]
     dense = _read_verified(folder / DENSE_FILE, checksums[DENSE_FILE])
