@@ -71,9 +71,8 @@ def decode_launches(moe: MoEFFN, n_tokens: int, tiling: Tiling = Tiling()) -> li
     """The launches of one routed decode call of `moe` on n_tokens tokens, each with its arguments (meta tensors)."""
     n_experts, width, d = moe.w_in.shape
     meta = lambda *shape, dtype: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
-    tensors = {**moe.weights(), "x": meta(n_tokens, d, dtype=moe.w_in.dtype), "scores": meta(n_tokens, n_experts, dtype=torch.float32),
-               "use": meta(n_tokens, n_experts, dtype=torch.uint8), "h": meta(n_tokens, n_experts, width, dtype=torch.float32),
-               "y": meta(n_tokens, d, dtype=moe.w_in.dtype)}
+    work = meta(n_tokens * n_experts * (width + 2), dtype=torch.float32)  # H, scores, selection (decode_output)
+    tensors = {**moe.weights(), "x": meta(n_tokens, d, dtype=moe.w_in.dtype), "work": work, "mask": work, "y": meta(n_tokens, d, dtype=moe.w_in.dtype)}
     return [(launch, launch.arguments(tensors)) for launch in launches(moe, n_tokens, route=True, tiling=tiling)]
 
 

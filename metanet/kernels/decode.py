@@ -15,6 +15,10 @@ to the output dtype are fused into the three kernels.
                               (the union of the tokens' experts is read from `use` in one load, and
                               one software pipeline runs over all its experts' neuron blocks)
 
+A call allocates y and one float32 work buffer that holds H, the scores and the selection (`_scratch`),
+and reuses launches built once per layer kind and token count: at T = 1 the GPU work is so short
+that an eager call's host time matters.
+
 The weights read are those of the union of the tokens' experts: k experts' worth at T = 1.
 Latency, not bandwidth, is what a decode kernel loses time to, so: the router runs on E
 programs at once, each with all of its row's loads in flight (one program streaming W_r block
@@ -69,11 +73,24 @@ def _activation(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def _scratch(work_ptr, mask_ptr, n_tokens, n_experts, width, ROUTE: tl.constexpr):
+    """(H, scores, use) pointers of a call. H [T, E, m] starts its one float32 work buffer; when the kernels route,
+    the scores [T, E] and use [T, E] (1.0 = selected) follow it there; else use is the given mask (uint8 [T, E])."""
+    scores_ptr = work_ptr + n_tokens * n_experts * width
+    if ROUTE:
+        use_ptr = scores_ptr + n_tokens * n_experts
+    else:
+        use_ptr = mask_ptr
+    return work_ptr, scores_ptr, use_ptr
+
+
+@triton.jit
 def _score_kernel(
-    x_ptr, router_weight_ptr, router_bias_ptr, scores_ptr,
-    n_tokens, n_experts, d_model,
+    x_ptr, router_weight_ptr, router_bias_ptr, work_ptr,
+    n_tokens, n_experts, width, d_model,
     TOKEN_LANES: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    _, scores_ptr, _ = _scratch(work_ptr, work_ptr, n_tokens, n_experts, width, True)
     expert = tl.program_id(0)
     tokens = tl.arange(0, TOKEN_LANES)  # [TL] ≥ T, a power of two
     is_token = tokens < n_tokens
@@ -104,19 +121,20 @@ def _selects(scores_ptr, expert, tokens, is_token, n_experts, shared, routed_act
 
 @triton.jit
 def _up_kernel(
-    x_ptr, scores_ptr, use_ptr, w_in_ptr, w_gate_ptr, b_in_ptr, h_ptr,
+    x_ptr, work_ptr, mask_ptr, w_in_ptr, w_gate_ptr, b_in_ptr,
     n_tokens, n_experts, width, d_model, shared, routed_active,
     ROUTE: tl.constexpr, EXPERT_LANES: tl.constexpr,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     TOKEN_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    h_ptr, scores_ptr, use_ptr = _scratch(work_ptr, mask_ptr, n_tokens, n_experts, width, ROUTE)
     expert = tl.program_id(0)
     tokens = tl.arange(0, TOKEN_ROWS)  # [16]
     is_token = tokens < n_tokens
     if ROUTE:
         use = _selects(scores_ptr, expert, tokens, is_token, n_experts, shared, routed_active, EXPERT_LANES)  # [16]
         if tl.program_id(1) == 0:
-            tl.store(use_ptr + tokens * n_experts + expert, use.to(tl.uint8), mask=is_token)  # for the down kernel
+            tl.store(use_ptr + tokens * n_experts + expert, use.to(tl.float32), mask=is_token)  # for the down kernel
     else:
         use = tl.load(use_ptr + tokens * n_experts + expert, mask=is_token, other=0).to(tl.int32)  # [16] 1 where token t selected this expert
     if tl.max(use, axis=0) > 0:
@@ -147,11 +165,12 @@ def _up_kernel(
 
 @triton.jit
 def _down_kernel(
-    h_ptr, use_ptr, w_out_ptr, b_out_ptr, y_ptr,
+    work_ptr, mask_ptr, w_out_ptr, b_out_ptr, y_ptr,
     n_tokens, n_experts, width, d_model,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, EXPERT_LANES: tl.constexpr, TOKEN_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    ROUTE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, EXPERT_LANES: tl.constexpr, TOKEN_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
+    h_ptr, _, use_ptr = _scratch(work_ptr, mask_ptr, n_tokens, n_experts, width, ROUTE)
     tokens = tl.arange(0, TOKEN_ROWS)
     is_token = tokens < n_tokens
     experts = tl.arange(0, EXPERT_LANES)
@@ -198,7 +217,7 @@ class Launch:
     kernel: triton.JITFunction
     grid: tuple[int, ...]
     constants: dict  # sizes, flags, block sizes and launch options (num_warps, num_stages)
-    tensors: dict[str, str]  # kernel argument → name of its tensor: a weight (MoEFFN.weights()) or a call buffer (x, scores, use, h, y)
+    tensors: dict[str, str]  # kernel argument → name of its tensor: a weight (MoEFFN.weights()) or a call buffer (x, work, mask, y)
 
     def arguments(self, tensors: Mapping[str, torch.Tensor]) -> dict:
         return {**self.constants, **{argument: tensors[name] for argument, name in self.tensors.items()}}
@@ -217,15 +236,10 @@ def decode_output(ffn: MoEFFN, tokens: torch.Tensor, mask: torch.Tensor | None =
     n_experts, width, _ = weights["w_in"].shape
     x = tokens.contiguous()
     route = mask is None
-    tensors = {
-        **weights, "x": x,
-        "y": x.new_empty((n_tokens, d)),
-        "h": x.new_empty((n_tokens, n_experts, width), dtype=torch.float32),  # read only where use = 1
-        # [T, E] 1 = selected: written by the up kernel when it routes, else the bool mask's bytes (no copy)
-        "use": x.new_empty((n_tokens, n_experts), dtype=torch.uint8) if route else mask.contiguous().view(torch.uint8),
-    }
-    if route:
-        tensors["scores"] = x.new_empty((n_tokens, n_experts), dtype=torch.float32)  # [T, E] written by the score kernel
+    # H [T, E, m] (read only where selected), and when routing the scores [T, E] and selection [T, E]: one allocation (_scratch)
+    work = x.new_empty(n_tokens * n_experts * (width + 2 if route else width), dtype=torch.float32)
+    tensors = {**weights, "x": x, "y": x.new_empty((n_tokens, d)), "work": work,
+               "mask": work if route else mask.contiguous().view(torch.uint8)}  # the bool mask's bytes, no copy
     if _INTERPRETED:  # the interpreter reads tensors through numpy, which refuses autograd history
         tensors = {name: None if t is None else t.detach() for name, t in tensors.items()}
     for launch in launches(ffn, n_tokens, route, tiling):
@@ -234,8 +248,8 @@ def decode_output(ffn: MoEFFN, tokens: torch.Tensor, mask: torch.Tensor | None =
 
 
 def launches(ffn: MoEFFN, n_tokens: int, route: bool, tiling: Tiling = Tiling()) -> tuple[Launch, ...]:
-    """The launches of one decode call of `ffn` on n_tokens tokens (route: the kernels select the experts, else a mask
-    given as `use` does), for decode_output and for compiling them ahead of time (benchmarks/decode_sass.py)."""
+    """The launches of one decode call of `ffn` on n_tokens tokens (route: the kernels select the experts, else the
+    mask given does), for decode_output and for compiling them ahead of time (benchmarks/decode_sass.py)."""
     weights = ffn.weights()
     w_in = weights["w_in"]
     return _launches(n_tokens, route, tiling, *w_in.shape, w_in.dtype, weights["w_gate"] is not None, weights["b_in"] is not None,
@@ -254,20 +268,19 @@ def _launches(
     precision = "ieee" if weight_dtype == torch.float32 else "tf32"  # float32 weights: products as exact as the torch paths
     token_lanes = triton.next_power_of_2(n_tokens)
     calls = [] if not route else [Launch(_score_kernel, (n_experts,), {
-        "n_tokens": n_tokens, "n_experts": n_experts, "d_model": d,
-        "TOKEN_LANES": token_lanes, "BLOCK_D": min(SCORE_ELEMENTS // token_lanes, triton.next_power_of_2(d)), "num_warps": SCORE_WARPS,
-    }, {"x_ptr": "x", "router_weight_ptr": "router_weight", "router_bias_ptr": "router_bias", "scores_ptr": "scores"})]
+        **shape, "TOKEN_LANES": token_lanes, "BLOCK_D": min(SCORE_ELEMENTS // token_lanes, triton.next_power_of_2(d)), "num_warps": SCORE_WARPS,
+    }, {"x_ptr": "x", "router_weight_ptr": "router_weight", "router_bias_ptr": "router_bias", "work_ptr": "work"})]
     block_m, block_d = tiling.up_block
     calls.append(Launch(_up_kernel, (n_experts, triton.cdiv(width, block_m)), {
         **shape, "shared": shared, "routed_active": routed_active,
         "ROUTE": route, "EXPERT_LANES": lanes, "ACTIVATION": activation, "GATED": gated, "HAS_BIAS": has_b_in,
         "PRECISION": precision, "TOKEN_ROWS": _TOKEN_ROWS, "BLOCK_M": block_m, "BLOCK_D": block_d, **options,
-    }, {"x_ptr": "x", "scores_ptr": "scores" if route else "use", "use_ptr": "use", "w_in_ptr": "w_in",
-        "w_gate_ptr": "w_gate" if gated else "w_in", "b_in_ptr": "b_in" if has_b_in else "w_in", "h_ptr": "h"}))  # unused pointers: any tensor
+    }, {"x_ptr": "x", "work_ptr": "work", "mask_ptr": "mask", "w_in_ptr": "w_in",
+        "w_gate_ptr": "w_gate" if gated else "w_in", "b_in_ptr": "b_in" if has_b_in else "w_in"}))  # unused pointers: any tensor
     block_d, block_m = tiling.down_block
     calls.append(Launch(_down_kernel, (triton.cdiv(d, block_d),), {
-        **shape, "HAS_BIAS": has_b_out, "PRECISION": precision, "EXPERT_LANES": lanes, "TOKEN_ROWS": _TOKEN_ROWS,
+        **shape, "ROUTE": route, "HAS_BIAS": has_b_out, "PRECISION": precision, "EXPERT_LANES": lanes, "TOKEN_ROWS": _TOKEN_ROWS,
         "BLOCK_D": block_d, "BLOCK_M": block_m, **options,
-    }, {"h_ptr": "h", "use_ptr": "use", "w_out_ptr": "w_out", "b_out_ptr": "b_out" if has_b_out else "w_out", "y_ptr": "y"}))
+    }, {"work_ptr": "work", "mask_ptr": "mask", "w_out_ptr": "w_out", "b_out_ptr": "b_out" if has_b_out else "w_out", "y_ptr": "y"}))
     return tuple(calls)
 
