@@ -37,7 +37,9 @@ variants (different masks and inputs) and 4 independent weight sets (as consecut
 no call finds its weights in L2), after one untimed warm-up pass; CUDA events around the pass, median of
 5 passes, per call. Calls are queued without synchronisation, so a call costs the larger of its GPU
 time and its host launch time, as in an eager model forward; the "graph" columns (T ≤ 16, where the auto
-path never synchronises with the host) replay the same pass as one CUDA graph: GPU time only.
+path never synchronises with the host) replay the same pass as one CUDA graph: GPU time only; the "host"
+columns (T ≤ 16) time issuing the calls without waiting for the GPU: an eager call whose host time exceeds
+its GPU time is bound by the host.
 All under torch.inference_mode().
 
 Run (writes gpu.json and gpu.md into --out; no network, no mlflow; benchmarks/gpu_check.sh runs the kernel
@@ -69,7 +71,7 @@ from typing import Callable
 import torch
 
 from metanet.checkpoints import FFNLayer
-from metanet.eval.speed import decode_steps_speed, model_speed, per_call_ms
+from metanet.eval.speed import decode_steps_speed, host_ms_per_call, model_speed, per_call_ms
 from metanet.kernels import choose_path
 from metanet.kernels.dispatch import DECODE_MAX_TOKENS  # calls up to here are decode batches (one token per sequence) and, free of host syncs, replay as CUDA graphs
 from metanet.moe.module import MoEFFN
@@ -348,6 +350,9 @@ def measure_row(bench: Bench, label: str, dense: list[FFNLayer], moes: list[MoEF
     row["dense_ms"] = bench.attempt(f"dense {label}", lambda: per_call_ms(dense_call, calls, repeats, device))
     row["moe_ms"] = bench.attempt(f"moe {label}", lambda: per_call_ms(moe_call, calls, repeats, device))
     row["speedup"] = ratio(row["dense_ms"], row["moe_ms"])
+    if n_tokens <= DECODE_MAX_TOKENS:  # decode calls: is an eager call bound by its host time?
+        row["dense_host_ms"] = bench.attempt(f"dense host {label}", lambda: host_ms_per_call(dense_call, calls, repeats, device))
+        row["moe_host_ms"] = bench.attempt(f"moe host {label}", lambda: host_ms_per_call(moe_call, calls, repeats, device))
     if device.type == "cuda" and n_tokens <= DECODE_MAX_TOKENS:
         row["dense_graph_ms"] = bench.attempt(f"dense graph {label}", lambda: per_call_ms(dense_call, calls, repeats, device, graph=True))
         row["moe_graph_ms"] = bench.attempt(f"moe graph {label}", lambda: per_call_ms(moe_call, calls, repeats, device, graph=True))
@@ -547,6 +552,9 @@ def bars(rows: list[dict], results: dict) -> list[str]:
                 value, basis = fractions[f"{kind} of copy"], "measured copy bandwidth (nominal peak unknown)"
             shown = "not measured" if value is None else f"{'met' if value >= BAR_BANDWIDTH else 'missed'} ({100 * value:.0f}% of {basis})"
             lines.append(f"T=1 ≥ {100 * BAR_BANDWIDTH:.0f}% of the bandwidth limit, {'eager' if kind == 'moe' else 'CUDA graph'}: {shown}")
+    if t1.get("moe_host_ms") is not None and t1.get("moe_graph_ms") is not None:  # why eager and graph differ
+        host, gpu = 1e3 * t1["moe_host_ms"], 1e3 * t1["moe_graph_ms"]
+        lines.append(f"(T=1 eager MoE call: {host:.0f} µs of host time to issue it, {gpu:.0f} µs of GPU time: bound by the {'host' if host > gpu else 'GPU'})")
     lines.append(f"T=2 ≥ {BAR_T2}×: eager {verdict(t2.get('speedup'), BAR_T2)}, CUDA graph {verdict(t2.get('graph_speedup'), BAR_T2)}")
     large = [r for t, r in sorted(by_t.items()) if t >= LARGE_T]
     lines.append(f"T ≥ {LARGE_T} ≥ {BAR_LARGE}×: " + (", ".join(f"T={r['tokens']} {verdict(r['speedup'], BAR_LARGE)}" for r in large) or "not measured"))
@@ -589,6 +597,7 @@ def report(results: dict) -> str:
         f"- Timing: {results['sizes']['calls']} calls back to back per pass (half from T={LARGE_T}), cycling {VARIANTS} routing variants and "
         f"{WEIGHT_SETS} weight sets (no L2 reuse), median of {results['sizes']['repeats']} passes, per call, after a warm-up pass. Eager: calls queued without "
         f"synchronisation (a call costs max(GPU time, host launch time)). Graph (T ≤ {DECODE_MAX_TOKENS}): the same pass replayed as one CUDA graph (GPU time only). "
+        f"Host (T ≤ {DECODE_MAX_TOKENS}): the host time to issue a call, not waiting for the GPU. "
         "speed-up = dense ms / MoE ms; > 1 means the MoE is faster.",
         "",
     ]
@@ -616,14 +625,14 @@ def report(results: dict) -> str:
             mine = [r for r in rows if (r["f"], r["experts"], r["routing"]) == (f, experts, routing)]
             lines += [f"## d={mine[0]['d']}, f={f}, E={experts} (k={mine[0]['active']}, padded expert width {mine[0]['expert_width']}), {routing} routing", "",
                       "| T | experts run (mean) | auto path | dense ms | MoE ms | speed-up | dense graph ms | MoE graph ms | graph speed-up | "
-                      + "".join(f"{p} ms | " for p in path_names) + "rel. error vs reference |",
-                      "|---" * (10 + len(path_names)) + "|"]
+                      "dense host ms | MoE host ms | " + "".join(f"{p} ms | " for p in path_names) + "rel. error vs reference |",
+                      "|---" * (12 + len(path_names)) + "|"]
             for r in mine:
                 auto = ", ".join(f"{p} {n}/{sum(r['auto_path'].values())}" if len(r["auto_path"]) > 1 else p for p, n in r["auto_path"].items())
                 errors = ", ".join(f"{p} {e:.1e}" for p, e in r.get("rel_err", {}).items() if e is not None) or "—"
                 lines.append(f"| {r['tokens']} | {r['union']:.1f} | {auto} | {fmt(r['dense_ms'], 4)} | {fmt(r['moe_ms'], 4)} | {speedup(r['speedup'])} | "
                              f"{fmt(r.get('dense_graph_ms'), 4)} | {fmt(r.get('moe_graph_ms'), 4)} | {speedup(r.get('graph_speedup'))} | "
-                             + "".join(f"{fmt(r.get('paths', {}).get(p), 4)} | " for p in path_names) + f"{errors} |")
+                             f"{fmt(r.get('dense_host_ms'), 4)} | {fmt(r.get('moe_host_ms'), 4)} | " + "".join(f"{fmt(r.get('paths', {}).get(p), 4)} | " for p in path_names) + f"{errors} |")
             lines.append("")
     lines += path_choice_section(rows)
     timing = "wall-clock time per call" if results["smoke"] else "CUDA-graph time per call"

@@ -21,6 +21,7 @@ def test_kernel_benchmark_smoke_run_writes_measured_rows_and_names_the_device(tm
     assert {(r["routing"], r["tokens"]) for r in results["rows"]} == {(routing, t) for routing in ("trace", "uniform") for t in (1, 4, 64)}
     for row in results["rows"]:
         assert row["dense_ms"] > 0 and row["moe_ms"] > 0 and row["speedup"] > 0
+        assert (row["tokens"] <= 16) == (row.get("moe_host_ms", 0) > 0 and row.get("dense_host_ms", 0) > 0)  # decode calls' host time
         assert all(ms > 0 for ms in row["paths"].values())
         assert set(row["paths"]) >= {"grouped", "dense", "reference"}
         assert all(error < 2e-2 for error in row["rel_err"].values())  # bf16 outputs of every path agree with the reference

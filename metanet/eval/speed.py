@@ -85,6 +85,22 @@ def per_call_ms(call: Callable[[int], object], calls: int, repeats: int, device:
     return statistics.median(times)
 
 
+def host_ms_per_call(call: Callable[[int], object], calls: int, repeats: int, device: torch.device) -> float:
+    """Host milliseconds to issue one call of call(0), …, call(calls − 1): median over `repeats` passes, each timed
+    from an idle device until its last call returns, without waiting for the GPU to finish (a pass's launches fit
+    in CUDA's launch queue). An eager call whose host time exceeds its GPU time is bound by the host. After
+    per_call_ms has warmed the calls up. On a CPU this is the wall-clock time per call."""
+    times = []
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        for i in range(calls):
+            call(i)
+        times.append((time.perf_counter() - start) * 1e3 / calls)
+    _synchronize(device)
+    return statistics.median(times)
+
+
 def ffn_speed(moe_modules: list, inputs: dict[int, torch.Tensor], tokens: list[int], device: torch.device,
               progress: Callable[[], None] | None = None) -> list[dict]:
     """One row per T: summed dense and MoE FFN milliseconds over the blocks, the speed-up and the paths taken.
