@@ -34,7 +34,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from metanet.kernels.decode import Launch, Tiling, launches
+from metanet.kernels.decode import DEFAULT_TILING, Launch, Tiling, launches
 from metanet.moe.module import MoEFFN
 from metanet.partition.partition import OperatingPoint
 
@@ -67,7 +67,7 @@ def meta_moe(d: int, f: int, experts: int, dtype: torch.dtype = torch.bfloat16, 
     )
 
 
-def decode_launches(moe: MoEFFN, n_tokens: int, tiling: Tiling = Tiling()) -> list[tuple[Launch, dict]]:
+def decode_launches(moe: MoEFFN, n_tokens: int, tiling: Tiling = DEFAULT_TILING) -> list[tuple[Launch, dict]]:
     """The launches of one routed decode call of `moe` on n_tokens tokens, each with its arguments (meta tensors)."""
     n_experts, width, d = moe.w_in.shape
     meta = lambda *shape, dtype: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731

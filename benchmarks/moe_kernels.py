@@ -20,7 +20,9 @@ What it measures (DESIGN.md "Metrics", GPU line), every figure in one run on one
             CUDA-graph replay (the serving setting, without host launch costs).
   --tune    the tiling of the decode kernels (`metanet.kernels.decode.Tiling`) at T=1 and T=4 for d=4096,
             f=14336, E=16: up blocks and warps with the default down blocks, then down blocks with the best
-            of those, then software-pipeline depths (num_stages) with the best blocks.
+            of those, then software-pipeline depths (num_stages) with the best blocks. Runs first: the
+            sweep and e2e then use the best tiling at T=1 (`MoEFFN.decode_tiling`), so that one run
+            measures the kernels as they will ship once the defaults are set from it.
 
 Routing. "trace" replays `benchmarks/results/routing-trace.safetensors` (`--trace` rebuilds it on the CPU):
 the experts that the data-free metanetwork partition (`make_partition(..., "metanet", ...)` with its own
@@ -270,6 +272,7 @@ class Bench:
     decode_runs: bool  # Triton can run here (CUDA, or CPU under TRITON_INTERPRET=1)
     results: dict
     save: Callable[[], None]
+    tiling: object = None  # the decode kernels' Tiling the sweep and e2e use: --tune's best at its first T, else None (the defaults)
 
     def attempt(self, label: str, measure: Callable[[], object]) -> object | None:
         """measure(), or None with the error logged and recorded, so that one failure leaves the rest of the run."""
@@ -290,6 +293,8 @@ def sweep(bench: Bench, trace: Trace, tokens: tuple[int, ...], paths: bool) -> N
             point = OperatingPoint(experts, experts // 4, 0)
             moes = [MoEFFN.from_layer(layer, random_partition(d, f, experts, seed), point, pad_to=PAD_TO).requires_grad_(False)
                     for seed, layer in enumerate(dense)]
+            for moe in moes:
+                moe.decode_tiling = bench.tiling
             for routing in ROUTINGS:
                 generator = torch.Generator().manual_seed(0)
                 for n_tokens in tokens:
@@ -458,7 +463,10 @@ def tune(bench: Bench) -> None:
         best = best_of([default], default)
         best = best_of([replace(best, up_block=up, num_warps=w) for w in sizes.tune_warps for up in sizes.tune_up], best)
         best = best_of([replace(best, down_block=down) for down in sizes.tune_down], best)
-        best_of([replace(best, num_stages=stages) for stages in sizes.tune_stages], best)
+        best = best_of([replace(best, num_stages=stages) for stages in sizes.tune_stages], best)
+        if bench.tiling is None:  # the first T's (T=1, the bar that needs the kernels most) serves the rest of the run
+            bench.tiling = best
+            bench.results["tune"]["chosen"] = {"tokens": n_tokens, **tiling_json(best)}
         bench.save()
     del moes
     empty_cache(device)
@@ -498,6 +506,9 @@ def end_to_end(bench: Bench, n_layers: int) -> None:
             del layers
             convert(model, "llama", partition)
             model.requires_grad_(False)
+            for module in model.modules():
+                if isinstance(module, MoEFFN):
+                    module.decode_tiling = bench.tiling
             empty_cache(device)
             result["convert_s"] = time.perf_counter() - start
         for batch in sizes.e2e_batches:
@@ -599,6 +610,9 @@ def report(results: dict) -> str:
         f"synchronisation (a call costs max(GPU time, host launch time)). Graph (T ≤ {DECODE_MAX_TOKENS}): the same pass replayed as one CUDA graph (GPU time only). "
         f"Host (T ≤ {DECODE_MAX_TOKENS}): the host time to issue a call, not waiting for the GPU. "
         "speed-up = dense ms / MoE ms; > 1 means the MoE is faster.",
+        "- Decode kernels' tiling: " + (f"the best of this run's tuning at T={chosen['tokens']} (below): "
+                                         + ", ".join(f"{k}={v}" for k, v in chosen.items() if k != "tokens")
+                                         if (chosen := results.get("tune", {}).get("chosen")) else "the defaults of `metanet.kernels.decode.Tiling`") + ".",
         "",
     ]
     rows = results["rows"]
@@ -779,9 +793,9 @@ def main() -> None:
     bench = Bench(sizes, device, torch.bfloat16, decode_runs, results, save)
     if args.tune and not decode_runs:
         log.warning("--tune skipped: the decode kernels need CUDA or TRITON_INTERPRET=1")
-    parts = {"sweep": (args.sweep, lambda: sweep(bench, trace, tokens, args.paths)),
-             "e2e": (args.e2e, lambda: end_to_end(bench, args.e2e_layers)),
-             "tune": (args.tune and decode_runs, lambda: tune(bench))}
+    parts = {"tune": (args.tune and decode_runs, lambda: tune(bench)),  # first: the sweep and e2e measure the tuned kernels
+             "sweep": (args.sweep, lambda: sweep(bench, trace, tokens, args.paths)),
+             "e2e": (args.e2e, lambda: end_to_end(bench, args.e2e_layers))}
     with torch.inference_mode():
         for name, (wanted, run) in parts.items():
             if wanted:

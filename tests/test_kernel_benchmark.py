@@ -28,6 +28,7 @@ def test_kernel_benchmark_smoke_run_writes_measured_rows_and_names_the_device(tm
     if HAS_TRITON:
         assert any("decode" in row["paths"] for row in results["rows"])  # Triton's interpreter ran the decode kernels
         assert results["tune"]["rows"] and all(r["ms"] > 0 for r in results["tune"]["rows"])
+        assert results["tune"]["chosen"]["tokens"] == 1 and "tuning at T=1" in (tmp_path / "smoke.md").read_text()  # the sweep ran the tuned kernels
     runs = results["e2e"]["runs"]
     assert {(r["model"], r["mode"]) for r in runs} == {(m, mode) for m in ("dense", "moe") for mode in ("generate", "steps")}
     assert all(r["tokens_per_s"] > 0 for r in runs)

@@ -149,6 +149,24 @@ def test_decode_reuses_launches_only_for_layers_of_the_same_kind(tiny_models):
 
 
 @needs_triton
+def test_decode_runs_with_the_tiling_the_layer_carries(tiny_models):
+    from triton.errors import TritonError
+
+    from metanet.kernels.decode import Tiling
+
+    _, _, moe = moe_layer(tiny_models["llama"], active=3)
+    moe = moe.to(DEVICE)
+    x = device_tokens(2, moe.d_model, seed=0, device=DEVICE)
+    expected = moe_output(moe, x, None, "reference")
+    with torch.no_grad():
+        moe.decode_tiling = Tiling(up_block=(16, 64), down_block=(16, 64), num_warps=2, num_stages=2)
+        torch.testing.assert_close(moe_output(moe, x, None, "decode"), expected, rtol=1e-5, atol=1e-5)
+        moe.decode_tiling = Tiling(up_block=(24, 64))  # Triton refuses blocks that are not powers of two: this tiling is the one that runs
+        with pytest.raises(TritonError):
+            moe_output(moe, x, None, "decode")
+
+
+@needs_triton
 def test_decode_kernels_compile_for_hopper_with_16_byte_weight_loads_and_no_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels, not the interpreter's
     run = subprocess.run([sys.executable, "-m", "benchmarks.decode_sass", "--check"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -209,6 +209,9 @@ class Tiling:
     num_stages: int = 3  # weight blocks in flight per program: the software pipeline's depth
 
 
+DEFAULT_TILING = Tiling()
+
+
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch: kernel[grid](**arguments(tensors)). Everything but the tensors is fixed by the layer's shape,
@@ -223,10 +226,11 @@ class Launch:
         return {**self.constants, **{argument: tensors[name] for argument, name in self.tensors.items()}}
 
 
-def decode_output(ffn: MoEFFN, tokens: torch.Tensor, mask: torch.Tensor | None = None, tiling: Tiling = Tiling()) -> torch.Tensor:
+def decode_output(ffn: MoEFFN, tokens: torch.Tensor, mask: torch.Tensor | None = None, tiling: Tiling | None = None) -> torch.Tensor:
     """y = Σ_e mask[t, e] · y_e(x_t) + b_out in the tokens' dtype, for at most MAX_TOKENS tokens.
 
     tokens: [T, d], mask: bool [T, E], or None for the router's own selection → y: [T, d]
+    tiling: None for the layer's own (`ffn.decode_tiling`), else the defaults
     This runs once per layer per generated token, so the host work is kept to binding tensors to cached launches.
     """
     n_tokens, d = tokens.shape
@@ -242,12 +246,12 @@ def decode_output(ffn: MoEFFN, tokens: torch.Tensor, mask: torch.Tensor | None =
                "mask": work if route else mask.contiguous().view(torch.uint8)}  # the bool mask's bytes, no copy
     if _INTERPRETED:  # the interpreter reads tensors through numpy, which refuses autograd history
         tensors = {name: None if t is None else t.detach() for name, t in tensors.items()}
-    for launch in launches(ffn, n_tokens, route, tiling):
+    for launch in launches(ffn, n_tokens, route, tiling or ffn.decode_tiling or DEFAULT_TILING):
         launch.kernel[launch.grid](**launch.arguments(tensors))
     return tensors["y"]
 
 
-def launches(ffn: MoEFFN, n_tokens: int, route: bool, tiling: Tiling = Tiling()) -> tuple[Launch, ...]:
+def launches(ffn: MoEFFN, n_tokens: int, route: bool, tiling: Tiling) -> tuple[Launch, ...]:
     """The launches of one decode call of `ffn` on n_tokens tokens (route: the kernels select the experts, else the
     mask given does), for decode_output and for compiling them ahead of time (benchmarks/decode_sass.py)."""
     weights = ffn.weights()

@@ -83,6 +83,7 @@ class MoEFFN(nn.Module):
             if name != "order":
                 self.register_parameter(name, None if tensor is None else nn.Parameter(tensor.contiguous()))
         self.kernel = "auto"  # runtime path of forward: "auto" or one of metanet.kernels.PATHS
+        self.decode_tiling = None  # block sizes of the decode path's kernels (metanet.kernels.decode.Tiling); None: their defaults
         self.register_buffer("order", order.to(device=w_in.device, dtype=torch.int64).contiguous())
 
     # -- construction -------------------------------------------------------------------
