@@ -18,11 +18,14 @@ What it measures (DESIGN.md "Metrics", GPU line), every figure in one run on one
             then converted in place to MoE (E=16, k=4; random partition and router) with `metanet.moe.convert`:
             transformers' generate, and the decode steps alone with a static KV cache, each step one
             CUDA-graph replay (the serving setting, without host launch costs).
-  --tune    the tiling of the decode kernels (`metanet.kernels.decode.Tiling`) at T=1 and T=4 for d=4096,
+  --tune    the tiling of the decode kernels (`metanet.kernels.decode.Tiling`) at T=1 for d=4096,
             f=14336, E=16: up blocks and warps with the default down blocks, then down blocks with the best
             of those, then software-pipeline depths (num_stages) with the best blocks. Runs first: the
-            sweep and e2e then use the best tiling at T=1 (`MoEFFN.decode_tiling`), so that one run
-            measures the kernels as they will ship once the defaults are set from it.
+            sweep and e2e then use the best tiling (`MoEFFN.decode_tiling`), so that one run measures the
+            kernels as they will ship once the defaults are set from it.
+
+Order (a lent GPU's time may run out; the JSON and the page are rewritten after every row): --tune,
+the sweep's first shape (f=14336, E=16), --e2e, the sweep's other shapes.
 
 Routing. "trace" replays `benchmarks/results/routing-trace.safetensors` (`--trace` rebuilds it on the CPU):
 the experts that the data-free metanetwork partition (`make_partition(..., "metanet", ...)` with its own
@@ -139,7 +142,7 @@ GPU_SIZES = Sizes(
     calls=32, repeats=5, reference_max_tokens=64,
     tune_up=tuple((m, d) for m in (16, 32, 64) for d in (64, 128, 256)),
     tune_down=tuple((d, m) for d in (16, 32, 64, 128) for m in (64, 128, 256)),  # BLOCK_D 16: 256 programs at d=4096
-    tune_warps=(4, 8), tune_stages=(2, 3, 4, 5), tune_tokens=(1, 4),
+    tune_warps=(4, 8), tune_stages=(2, 3, 4, 5), tune_tokens=(1,),  # T=1: the tiling chosen for the run; the sweep shows it at every T
     e2e_heads=32, e2e_kv_heads=8, e2e_vocab=32000, e2e_prompt=16, e2e_new_tokens=128, e2e_batches=(1, 8), e2e_repeats=3,
 )
 SMOKE_SIZES = Sizes(
@@ -284,32 +287,30 @@ class Bench:
             return None
 
 
-def sweep(bench: Bench, trace: Trace, tokens: tuple[int, ...], paths: bool) -> None:
-    """One row per (f, E, routing, T) into results["rows"] (module docstring, "sweep"); a failed row is recorded and skipped."""
+def sweep(bench: Bench, trace: Trace, tokens: tuple[int, ...], paths: bool, shapes: list[tuple[int, int]]) -> None:
+    """One row per (f, E) of `shapes`, routing and T into results["rows"] (module docstring, "sweep"); a failed row is
+    recorded and skipped."""
     sizes, device, d = bench.sizes, bench.device, bench.sizes.d_model
-    for f in sizes.d_ffs:
+    for f, experts in shapes:
         dense = [random_layer(d, f, device, bench.dtype, seed) for seed in range(WEIGHT_SETS)]
-        for experts in sizes.experts:
-            point = OperatingPoint(experts, experts // 4, 0)
-            moes = [MoEFFN.from_layer(layer, random_partition(d, f, experts, seed), point, pad_to=PAD_TO).requires_grad_(False)
-                    for seed, layer in enumerate(dense)]
-            for moe in moes:
-                moe.decode_tiling = bench.tiling
-            for routing in ROUTINGS:
-                generator = torch.Generator().manual_seed(0)
-                for n_tokens in tokens:
-                    label = f"d={d} f={f} E={experts} {routing} T={n_tokens}"
-                    log.info(label)
-                    masks = [m.to(device) for m in routing_masks(trace, routing, point, n_tokens, generator)]
-                    row = {"d": d, "f": f, "experts": experts, "active": point.active, "expert_width": moes[0].expert_width,
-                           "routing": routing, "tokens": n_tokens}
-                    measured = bench.attempt(label, lambda: measure_row(bench, label, dense, moes, masks, paths))
-                    if measured is not None:
-                        bench.results["rows"].append(row | measured)
-                        bench.save()
-            del moes
-            empty_cache(device)
-        del dense
+        point = OperatingPoint(experts, experts // 4, 0)
+        moes = [MoEFFN.from_layer(layer, random_partition(d, f, experts, seed), point, pad_to=PAD_TO).requires_grad_(False)
+                for seed, layer in enumerate(dense)]
+        for moe in moes:
+            moe.decode_tiling = bench.tiling
+        for routing in ROUTINGS:
+            generator = torch.Generator().manual_seed(0)
+            for n_tokens in tokens:
+                label = f"d={d} f={f} E={experts} {routing} T={n_tokens}"
+                log.info(label)
+                masks = [m.to(device) for m in routing_masks(trace, routing, point, n_tokens, generator)]
+                row = {"d": d, "f": f, "experts": experts, "active": point.active, "expert_width": moes[0].expert_width,
+                       "routing": routing, "tokens": n_tokens}
+                measured = bench.attempt(label, lambda: measure_row(bench, label, dense, moes, masks, paths))
+                if measured is not None:
+                    bench.results["rows"].append(row | measured)
+                    bench.save()
+        del moes, dense
         empty_cache(device)
 
 
@@ -793,9 +794,13 @@ def main() -> None:
     bench = Bench(sizes, device, torch.bfloat16, decode_runs, results, save)
     if args.tune and not decode_runs:
         log.warning("--tune skipped: the decode kernels need CUDA or TRITON_INTERPRET=1")
-    parts = {"tune": (args.tune and decode_runs, lambda: tune(bench)),  # first: the sweep and e2e measure the tuned kernels
-             "sweep": (args.sweep, lambda: sweep(bench, trace, tokens, args.paths)),
-             "e2e": (args.e2e, lambda: end_to_end(bench, args.e2e_layers))}
+    shapes = [(f, experts) for f in sizes.d_ffs for experts in sizes.experts]
+    # most telling first, as a lent GPU's time may run out: tuning (the sweep and e2e then measure the tuned kernels),
+    # the first shape, e2e, the other shapes
+    parts = {"tune": (args.tune and decode_runs, lambda: tune(bench)),
+             "sweep": (args.sweep, lambda: sweep(bench, trace, tokens, args.paths, shapes[:1])),
+             "e2e": (args.e2e, lambda: end_to_end(bench, args.e2e_layers)),
+             "sweep, other shapes": (args.sweep and len(shapes) > 1, lambda: sweep(bench, trace, tokens, args.paths, shapes[1:]))}
     with torch.inference_mode():
         for name, (wanted, run) in parts.items():
             if wanted:
