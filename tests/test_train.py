@@ -37,7 +37,7 @@ def epoch_means(uri: str, run_id: str, name: str) -> list[float]:
     return [m.value for m in sorted(MlflowClient(uri).get_metric_history(run_id, name), key=lambda m: m.step)]
 
 
-def test_training_lowers_the_loss_and_writes_logs_and_registers_the_model(trained):
+def test_training_runs_the_whole_loop_logs_and_registers_the_model(trained):
     out, uri = trained
     facts = model_facts(out / "model")
     losses = epoch_means(uri, facts["training"]["run_id"], "train_reconstruction_epoch")
