@@ -23,6 +23,7 @@ from metanet.calib.stats import active_mask
 from metanet.checkpoints import FFNLayer
 from metanet.errors import MetanetError
 from metanet.moe.routing import expert_output_norms, select_experts
+from metanet.partition.balanced import cluster_sums
 from metanet.partition.least_squares import least_squares
 from metanet.partition.methods import LayerCalibration
 from metanet.partition.partition import OperatingPoint
@@ -72,11 +73,10 @@ def fit_router(
 def _weighted_member_means(layer: FFNLayer, assign: torch.Tensor, weights: torch.Tensor, n_experts: int):
     """W_e = Σ_{j∈e} c_j w_in_j / Σ_{j∈e} c_j, b_e likewise with b_in.   weights c: [f]"""
     c = weights.double()
-    zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=c.device)  # noqa: E731
-    totals = zeros(n_experts).index_add_(0, assign, c).clamp(min=1e-30)
-    w = zeros(n_experts, layer.d_model).index_add_(0, assign, c[:, None] * layer.w_in.double())
-    b_in = layer.b_in.double() if layer.b_in is not None else zeros(layer.d_ff)
-    b = zeros(n_experts).index_add_(0, assign, c * b_in)
+    totals = cluster_sums(c[:, None], assign, n_experts)[:, 0].clamp(min=1e-30)
+    w = cluster_sums(c[:, None] * layer.w_in.double(), assign, n_experts)
+    b_in = layer.b_in.double() if layer.b_in is not None else torch.zeros(layer.d_ff, dtype=torch.float64, device=c.device)
+    b = cluster_sums((c * b_in)[:, None], assign, n_experts)[:, 0]
     return (w / totals[:, None]).float(), (b / totals).float()
 
 
@@ -86,7 +86,7 @@ def _representatives(layer: FFNLayer, assign: torch.Tensor, calib: LayerCalibrat
     markers = active_mask(layer, layer.hidden(calib.x)).T.double()  # [f, T]
     sizes = torch.bincount(assign, minlength=n_experts).clamp(min=1).double()
     device = markers.device
-    mean = torch.zeros(n_experts, markers.shape[1], dtype=torch.float64, device=device).index_add_(0, assign, markers) / sizes[:, None]
+    mean = cluster_sums(markers, assign, n_experts) / sizes[:, None]
     closeness = -(markers - mean[assign]).pow(2).sum(1)  # [f]
     best = torch.zeros(n_experts, dtype=closeness.dtype, device=device).scatter_reduce(0, assign, closeness, "amax", include_self=False)
     candidates = torch.nonzero(closeness == best[assign]).flatten()
