@@ -34,7 +34,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from metanet.kernels.decode import DEFAULT_TILING, Launch, Tiling, launches
+from metanet.kernels.decode import DEFAULT_TILING, Launch, Tiling, call_tensors, launches
 from metanet.moe.module import MoEFFN
 from metanet.partition.partition import OperatingPoint
 
@@ -69,10 +69,7 @@ def meta_moe(d: int, f: int, experts: int, dtype: torch.dtype = torch.bfloat16, 
 
 def decode_launches(moe: MoEFFN, n_tokens: int, tiling: Tiling = DEFAULT_TILING) -> list[tuple[Launch, dict]]:
     """The launches of one routed decode call of `moe` on n_tokens tokens, each with its arguments (meta tensors)."""
-    n_experts, width, d = moe.w_in.shape
-    meta = lambda *shape, dtype: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
-    work = meta(n_tokens * n_experts * (width + 2), dtype=torch.float32)  # H, scores, selection (decode_output)
-    tensors = {**moe.weights(), "x": meta(n_tokens, d, dtype=moe.w_in.dtype), "work": work, "mask": work, "y": meta(n_tokens, d, dtype=moe.w_in.dtype)}
+    tensors = call_tensors(moe, torch.empty(n_tokens, moe.d_model, dtype=moe.w_in.dtype, device="meta"), None)
     return [(launch, launch.arguments(tensors)) for launch in launches(moe, n_tokens, route=True, tiling=tiling)]
 
 

@@ -230,25 +230,30 @@ def decode_output(ffn: MoEFFN, tokens: torch.Tensor, mask: torch.Tensor | None =
     """y = Σ_e mask[t, e] · y_e(x_t) + b_out in the tokens' dtype, for at most MAX_TOKENS tokens.
 
     tokens: [T, d], mask: bool [T, E], or None for the router's own selection → y: [T, d]
-    tiling: None for the layer's own (`ffn.decode_tiling`), else the defaults
+    tiling: None → the layer's `ffn.decode_tiling`, or DEFAULT_TILING where that is None too
     This runs once per layer per generated token, so the host work is kept to binding tensors to cached launches.
     """
-    n_tokens, d = tokens.shape
+    n_tokens = tokens.shape[0]
     if n_tokens > MAX_TOKENS:
         raise MetanetError(f"the decode kernel takes at most {MAX_TOKENS} tokens, got {n_tokens}")
-    weights = ffn.weights()
-    n_experts, width, _ = weights["w_in"].shape
-    x = tokens.contiguous()
-    route = mask is None
-    # H [T, E, m] (read only where selected), and when routing the scores [T, E] and selection [T, E]: one allocation (_scratch)
-    work = x.new_empty(n_tokens * n_experts * (width + 2 if route else width), dtype=torch.float32)
-    tensors = {**weights, "x": x, "y": x.new_empty((n_tokens, d)), "work": work,
-               "mask": work if route else mask.contiguous().view(torch.uint8)}  # the bool mask's bytes, no copy
+    tensors = call_tensors(ffn, tokens.contiguous(), mask)
     if _INTERPRETED:  # the interpreter reads tensors through numpy, which refuses autograd history
         tensors = {name: None if t is None else t.detach() for name, t in tensors.items()}
-    for launch in launches(ffn, n_tokens, route, tiling or ffn.decode_tiling or DEFAULT_TILING):
+    for launch in launches(ffn, n_tokens, mask is None, tiling or ffn.decode_tiling or DEFAULT_TILING):
         launch.kernel[launch.grid](**launch.arguments(tensors))
     return tensors["y"]
+
+
+def call_tensors(ffn: MoEFFN, x: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+    """The tensors of one decode call by the names of Launch.tensors: the weights, x [T, d] (contiguous), y [T, d]
+    in x's dtype, `work` (float32: H [T, E, m], then when routing the scores [T, E] and the selection [T, E]; see
+    _scratch) and `mask` (the given bool mask's bytes, no copy; `work` when routing: unused). Allocated on x's device."""
+    weights = ffn.weights()
+    n_experts, width, _ = weights["w_in"].shape
+    n_tokens, d = x.shape
+    route = mask is None
+    work = x.new_empty(n_tokens * n_experts * (width + 2 if route else width), dtype=torch.float32)
+    return {**weights, "x": x, "y": x.new_empty((n_tokens, d)), "work": work, "mask": work if route else mask.contiguous().view(torch.uint8)}
 
 
 def launches(ffn: MoEFFN, n_tokens: int, route: bool, tiling: Tiling) -> tuple[Launch, ...]:
