@@ -59,7 +59,7 @@ def test_straight_through_values_are_the_hard_partition_and_top_k(tiny_models):
         out = net.neuron_outputs(layer)
         p = soft_partition(out.space, 8, 16, straight_through=True)
         assign = p.argmax(1)
-        assert torch.equal(assign, net.assign(out, layer.d_ff, point, 16))
+        assert torch.equal(assign, net.assign(out, point, 16))
         torch.testing.assert_close(p, torch.nn.functional.one_hot(assign, 8).float(), rtol=0, atol=1e-6)  # hard values
         y, y_moe, gates = soft_moe(layer, x, p, out, point, synthetic_tokens=SYNTHETIC_TOKENS, straight_through=True)
         hard = layer_metrics(layer, LayerPartition(assign, *expert_router(layer, assign, out, 8)), point, x)

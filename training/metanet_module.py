@@ -30,12 +30,12 @@ import torch
 from metanet.errors import MetanetError
 from metanet.eval.metrics import layer_metrics
 from metanet.model import MetaNetConfig, MetaNetwork
-from metanet.model.network import split_shared
 from metanet.model.soft import co_membership_loss, importance_loss, load_loss, soft_moe, soft_partition
 from metanet.partition import OperatingPoint
 from metanet.partition.methods import assign_neurons
 from metanet.partition.partition import LayerPartition
 from metanet.partition.routers import fit_router
+from metanet.partition.shared import split_shared
 from training.metanet_data import LayerSample, point_key
 
 VAL_POINT = OperatingPoint(16, 4, 0)

@@ -44,6 +44,7 @@ from metanet.moe.routing import expert_output_norms
 from metanet.partition.balanced import balanced_kmeans
 from metanet.partition.least_squares import least_squares
 from metanet.partition.partition import LayerPartition, OperatingPoint
+from metanet.partition.shared import shared_first
 
 _EPS = 1e-12
 INPUT_BOUND = 2.0  # |σ|, |μ| ≤ 2
@@ -116,27 +117,17 @@ class MetaNetwork(nn.Module):
         """A balanced assignment (shared experts first) and its router for one layer."""
         m = point.expert_width(layer.d_ff)
         out = self.neuron_outputs(layer, stats)
-        assign = self.assign(out, layer.d_ff, point, m)
+        assign = self.assign(out, point, m)
         weight, bias = expert_router(layer, assign, out, point.experts)
         return LayerPartition(assign, weight, bias)
 
-    def assign(self, out: NeuronOutputs, d_ff: int, point: OperatingPoint, m: int) -> torch.Tensor:
+    def assign(self, out: NeuronOutputs, point: OperatingPoint, m: int) -> torch.Tensor:
         """Shared experts by importance, routed ones by balanced k-means in the clustering space.   → [f] int64"""
-        shared, routed = split_shared(out.importance, point.shared * m)
-        assign = torch.empty(d_ff, dtype=torch.int64, device=out.importance.device)
-        assign[shared] = torch.arange(point.shared, device=assign.device).repeat_interleave(m)
-        assign[routed] = point.shared + balanced_kmeans(out.space[routed], point.routed, m, iters=self.config.kmeans_iters, init="farthest",
-                                                         dtype=torch.float32)
-        return assign
+        return shared_first(out.importance, point, m, lambda routed: balanced_kmeans(
+            out.space[routed], point.routed, m, iters=self.config.kmeans_iters, init="farthest", dtype=torch.float32))
 
     def config_dict(self) -> dict:
         return asdict(self.config)
-
-
-def split_shared(importance: torch.Tensor, n_shared: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the n_shared most important neuron ids, the other ids in increasing order)."""
-    order = torch.argsort(importance.detach(), descending=True, stable=True)
-    return order[:n_shared], torch.sort(order[n_shared:]).values
 
 
 def centred(u: torch.Tensor) -> torch.Tensor:

@@ -85,7 +85,7 @@ def make_partitions(
             with torch.no_grad():
                 outputs = net.neuron_outputs(on_device, calib.stats.to(device) if method == "metanet-data" else None)
         if method in METANET_METHODS:
-            assign = net.assign(outputs, layer.d_ff, point, expert_width).cpu()
+            assign = net.assign(outputs, point, expert_width).cpu()
         else:
             assign = assign_neurons(method, layer, point, calib, seed)
         seconds["assign"] += time.perf_counter() - start

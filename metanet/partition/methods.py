@@ -30,6 +30,7 @@ from metanet.checkpoints import FFNLayer
 from metanet.errors import MetanetError
 from metanet.partition.balanced import balanced_assign, balanced_kmeans, optimal_balanced_assign
 from metanet.partition.partition import OperatingPoint
+from metanet.partition.shared import shared_first
 
 DATA_FREE_METHODS = ("random", "kmeans", "joint")
 CALIBRATED_METHODS = ("coact", "cmoe")
@@ -57,12 +58,7 @@ def assign_neurons(method: str, layer: FFNLayer, point: OperatingPoint, calib: L
         raise MetanetError(f"method {method!r} needs calibration text (data-free methods: {', '.join(DATA_FREE_METHODS)})")
     m = point.expert_width(layer.d_ff)
     importance = calib.stats.activation_rate if calib is not None else output_weighted_norms(layer)
-    order = torch.argsort(importance, descending=True, stable=True)
-    shared, routed = order[: point.shared * m], torch.sort(order[point.shared * m :]).values
-    assign = torch.empty(layer.d_ff, dtype=torch.int64, device=layer.w_in.device)
-    assign[shared] = torch.arange(point.shared, device=assign.device).repeat_interleave(m)
-    assign[routed] = point.shared + _ROUTED[method](layer, routed, point.routed, m, calib, seed).to(assign.device)
-    return assign
+    return shared_first(importance, point, m, lambda routed: _ROUTED[method](layer, routed, point.routed, m, calib, seed))
 
 
 def output_weighted_norms(layer: FFNLayer) -> torch.Tensor:
