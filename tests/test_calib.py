@@ -238,7 +238,7 @@ def test_an_encoder_gets_uniform_token_windows_and_the_split_captures_them(minil
 
 
 def test_checkpoint_without_tokenizer_is_refused(tiny_models):
-    with pytest.raises(MetanetError, match="needs a tokenizer in the checkpoint folder; data-free methods work without"):
+    with pytest.raises(MetanetError, match="needs a tokenizer in the checkpoint folder; data-free partition and predict work without"):
         load_model_and_tokenizer(open_checkpoint(tiny_models["llama"].path))
 
 

@@ -12,6 +12,8 @@ from cli.main import app
 from conftest import MODEL_TYPES, build_tiny_model
 from metanet.checkpoints import open_checkpoint
 from metanet.errors import CheckpointError
+from metanet.partition import Partition
+from tests_support import assert_one_line_error
 
 runner = CliRunner()
 
@@ -145,6 +147,18 @@ def test_gguf_float32_llama_reads_exactly(tiny_models, tmp_path):
     assert q.w_in.dtype == torch.float32
     rel = (q.w_in - b.w_in).norm() / b.w_in.norm()
     assert 0 < rel < 1e-2  # dequantised, not bit-equal
+
+
+def test_gguf_partitions_like_its_folder_and_commands_that_run_the_model_refuse_it(tiny_models, tmp_path):
+    tiny = tiny_models["llama"]
+    _llama_as_gguf(tiny, tmp_path / "tiny.gguf")
+    for source, out in ((tmp_path / "tiny.gguf", tmp_path / "from-gguf"), (tiny.path, tmp_path / "from-folder")):
+        result = runner.invoke(app, ["partition", str(source), "--method", "kmeans", "-E", "11", "-k", "3", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+    from_gguf, from_folder = Partition.load(tmp_path / "from-gguf"), Partition.load(tmp_path / "from-folder")
+    assert all(torch.equal(a.assign, b.assign) and torch.equal(a.router_weight, b.router_weight) for a, b in zip(from_gguf.layers, from_folder.layers))
+    result = runner.invoke(app, ["eval", str(tmp_path / "tiny.gguf"), str(tmp_path / "from-gguf")])
+    assert_one_line_error(result, "needs a transformers folder with a tokenizer, not GGUF")
 
 
 def test_gguf_gpt2_conv1d_layout_is_restored(tiny_models, tmp_path):

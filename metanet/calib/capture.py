@@ -42,7 +42,7 @@ def load_model_and_tokenizer(checkpoint: Checkpoint):
 
     Causal LMs load with AutoModelForCausalLM, encoders (bert) with AutoModel; float32, eval
     mode, local files only, no remote code. GGUF files and folders without a tokenizer raise
-    MetanetError: calibration needs text, data-free methods do not.
+    MetanetError: running the model on text needs both; data-free partition and predict need neither.
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
@@ -51,9 +51,11 @@ def load_model_and_tokenizer(checkpoint: Checkpoint):
 
     folder = checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent
     if checkpoint.source.format == "gguf":
-        raise MetanetError(f"{checkpoint.path}: calibration needs a transformers folder with a tokenizer, not GGUF; data-free methods work without")
+        raise MetanetError(f"{checkpoint.path}: running the model on text (calibration, held-out metrics) needs a transformers folder with a "
+                           "tokenizer, not GGUF; inspect, graph and data-free partition and predict read GGUF")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise MetanetError(f"{folder}: calibration needs a tokenizer in the checkpoint folder; data-free methods work without")
+        raise MetanetError(f"{folder}: running the model on text (calibration, held-out metrics) needs a tokenizer in the checkpoint folder; "
+                           "data-free partition and predict work without")
     model_class = AutoModel if checkpoint.family.name in ENCODER_FAMILIES else AutoModelForCausalLM
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
