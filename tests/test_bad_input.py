@@ -75,7 +75,7 @@ def test_bad_checkpoint_gives_one_line_and_exit_2_and_writes_nothing(tiny_models
 
 
 def test_missing_path_names_the_bundled_checkpoints(tmp_path):
-    assert_one_line_error(runner.invoke(app, ["inspect", str(tmp_path / "nope")]), "bundled checkpoints: all-MiniLM-L6-v2")
+    assert_one_line_error(runner.invoke(app, ["inspect", str(tmp_path / "nope")]), "bundled checkpoints: all-MiniLM-L6-v2, SmolLM2-135M-Instruct")
 
 
 def test_unknown_file_type(tmp_path):

