@@ -11,8 +11,11 @@ with a forward pre-hook on the module that reads it in each block:
 
 from __future__ import annotations
 
+import functools
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -38,25 +41,31 @@ class FFNInputs:
 
 
 def load_model_and_tokenizer(checkpoint: Checkpoint):
-    """(model, tokenizer) from the checkpoint's folder with transformers' Auto classes.
+    """(model, tokenizer) of the checkpoint, loaded with transformers' Auto classes.
 
     Causal LMs load with AutoModelForCausalLM, encoders (bert) with AutoModel; float32, eval
-    mode, local files only, no remote code. GGUF files and folders without a tokenizer raise
-    MetanetError: running the model on text needs both; data-free partition and predict need neither.
+    mode, local files only, no remote code. A folder needs its tokenizer files beside the
+    weights. A GGUF file is loaded by transformers itself (`gguf_file=`): every tensor
+    dequantised to float32 under its transformers name, the tokenizer built from the file's
+    metadata; a GGUF file transformers cannot load (no tokenizer metadata, an architecture it
+    does not know, a tensor its model needs missing) is a one-line MetanetError, never a model
+    with randomly initialised weights. Running the model on text needs both model and
+    tokenizer; data-free partition and predict need neither.
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # our own progress bars report the work; stderr stays for errors
 
-    folder = checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent
+    model_class = AutoModel if checkpoint.family.name in ENCODER_FAMILIES else AutoModelForCausalLM
     if checkpoint.source.format == "gguf":
-        raise MetanetError(f"{checkpoint.path}: running the model on text (calibration, held-out metrics) needs a transformers folder with a "
-                           "tokenizer, not GGUF; inspect, graph and data-free partition and predict read GGUF")
+        model, tokenizer = _load_gguf(checkpoint.path, model_class)
+        log.debug("loaded %s with %s (GGUF dequantised to float32)", checkpoint.path, type(model).__name__)
+        return model.eval(), tokenizer
+    folder = checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise MetanetError(f"{folder}: running the model on text (calibration, held-out metrics) needs a tokenizer in the checkpoint folder; "
                            "data-free partition and predict work without")
-    model_class = AutoModel if checkpoint.family.name in ENCODER_FAMILIES else AutoModelForCausalLM
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = model_class.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
@@ -64,6 +73,50 @@ def load_model_and_tokenizer(checkpoint: Checkpoint):
         raise MetanetError(f"{folder}: transformers cannot load it ({str(exc).splitlines()[0]})") from None
     log.debug("loaded %s with %s", folder, type(model).__name__)
     return model.eval(), tokenizer
+
+
+def _load_gguf(path: Path, model_class):
+    """(model, tokenizer) of the GGUF file `path`, dequantised to float32 by transformers; MetanetError when it cannot."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # its load report: a missing tensor is refused below, in one line
+    try:
+        with _quiet_gguf_conversion():
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+            model, info = model_class.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=torch.float32, local_files_only=True, output_loading_info=True,
+            )
+    except Exception as exc:  # transformers' GGUF reader raises ValueError, KeyError, ImportError, …: all mean "cannot load"
+        reason = f"missing {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MetanetError(f"{path}: transformers cannot load this GGUF file ({reason})") from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    if info["missing_keys"]:  # transformers would run them randomly initialised
+        missing = sorted(info["missing_keys"])
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise MetanetError(f"{path}: transformers cannot load this GGUF file (missing tensor {missing[0]}{more} for {type(model).__name__})")
+    return model, tokenizer
+
+
+@contextmanager
+def _quiet_gguf_conversion():
+    """transformers dequantises GGUF tensors under a plain tqdm bar that `disable_progress_bar()` does not reach: switch it off."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # a transformers without GGUF support: from_pretrained says so
+        yield
+        return
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def ffn_input_modules(model: torch.nn.Module, family: str) -> list[torch.nn.Module]:
