@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from conftest import MODEL_TYPES, build_tiny_model
+from metanet.calib import load_model_and_tokenizer
 from metanet.checkpoints import open_checkpoint
-from metanet.errors import CheckpointError
+from metanet.errors import CheckpointError, MetanetError
 from metanet.partition import Partition
 from tests_support import assert_one_line_error
 
@@ -149,7 +150,7 @@ def test_gguf_float32_llama_reads_exactly(tiny_models, tmp_path):
     assert 0 < rel < 1e-2  # dequantised, not bit-equal
 
 
-def test_gguf_partitions_like_its_folder_and_commands_that_run_the_model_refuse_it(tiny_models, tmp_path):
+def test_gguf_partitions_like_its_folder_and_one_transformers_cannot_load_is_refused_by_what_runs_the_model(tiny_models, tmp_path):
     tiny = tiny_models["llama"]
     _llama_as_gguf(tiny, tmp_path / "tiny.gguf")
     for source, out in ((tmp_path / "tiny.gguf", tmp_path / "from-gguf"), (tiny.path, tmp_path / "from-folder")):
@@ -158,8 +159,27 @@ def test_gguf_partitions_like_its_folder_and_commands_that_run_the_model_refuse_
     from_gguf, from_folder = Partition.load(tmp_path / "from-gguf"), Partition.load(tmp_path / "from-folder")
     assert len(from_gguf.layers) == len(from_folder.layers) == 2  # the comparison below covers every layer
     assert all(torch.equal(a.assign, b.assign) and torch.equal(a.router_weight, b.router_weight) for a, b in zip(from_gguf.layers, from_folder.layers))
-    result = runner.invoke(app, ["eval", str(tmp_path / "tiny.gguf"), str(tmp_path / "from-gguf")])
-    assert_one_line_error(result, "needs a transformers folder with a tokenizer, not GGUF")
+    # FFN tensors only, no tokenizer metadata: transformers cannot load it, so eval and apply refuse it in one line
+    gguf, part, moe = str(tmp_path / "tiny.gguf"), str(tmp_path / "from-gguf"), tmp_path / "moe"
+    for command in (["eval", gguf, part], ["apply", gguf, part, "--out", str(moe)]):
+        assert_one_line_error(runner.invoke(app, command), "transformers cannot load this GGUF file (Cannot build a tokenizer")
+    assert not moe.exists() and not list(tmp_path.glob(".moe.*"))
+
+
+def test_a_gguf_whose_model_transformers_would_fill_with_random_weights_is_refused(tiny_models, tmp_path):
+    tiny = tiny_models["llama"]
+    tokenizer = {  # a byte-pair tokenizer in the file's metadata, so that loading gets as far as the model
+        "tokenizer_model": "gpt2", "token_list": [f"t{i}" for i in range(64)], "token_types": [1] * 64, "token_merges": [],
+        "token_scores": [0.0] * 64, "bos_token_id": 0, "eos_token_id": 1,
+    }
+    state = load_file(tiny.path / "model.safetensors")
+    tensors = {f"blk.{i}.ffn_{gg}.weight": state[f"model.layers.{i}.mlp.{hf}_proj.weight"]
+               for i in range(2) for hf, gg in (("gate", "gate"), ("up", "up"), ("down", "down"))}
+    tensors |= {f"blk.{i}.ffn_norm.weight": state[f"model.layers.{i}.post_attention_layernorm.weight"] for i in range(2)}
+    metadata = {"block_count": 2, "embedding_length": tiny.d_model, "feed_forward_length": tiny.d_ff, "layer_norm_rms_eps": 1e-6}
+    _write_gguf(tmp_path / "ffn-only.gguf", "llama", tensors, metadata | tokenizer)
+    with pytest.raises(MetanetError, match=r"transformers cannot load this GGUF file \(missing tensor lm_head.weight and \d+ more"):
+        load_model_and_tokenizer(open_checkpoint(tmp_path / "ffn-only.gguf"))
 
 
 def test_gguf_gpt2_conv1d_layout_is_restored(tiny_models, tmp_path):

@@ -2,7 +2,7 @@
 
 On disk (format_version 1; DESIGN.md "Canonical objects"), with M the padded expert width:
 
-    config.json                      the source's config.json plus a "moe" section: format_version,
+    config.json                      the source's transformers config plus a "moe" section: format_version,
                                      family, n_layers, d_model, d_ff, activation, gated, experts,
                                      active, shared, expert_width (m = f/E), padded_width (M: m rounded
                                      up to a multiple of 64), method, router, dtype, router_dtype,
@@ -21,7 +21,7 @@ On disk (format_version 1; DESIGN.md "Canonical objects"), with M the padded exp
                                          moe.layers.{i}.order          int64 [E·M]  source neuron, −1 = pad
     checksums.json                   {"algorithm": "sha256", "files": {file: {tensor: digest}}}, each
                                      digest over the tensor's dtype, shape and bytes
-    tokenizer / generation files     copied from the source folder
+    tokenizer / generation files     copied from the source folder (a GGUF source: saved by transformers)
 
 Pad neurons have zero weights and zero b_in: they change no output (MoEFFN docstring).
 Expert tensors are in one file per layer so that writing and loading hold one layer at a time.
@@ -35,6 +35,7 @@ import logging
 import secrets
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -42,7 +43,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from metanet.calib.capture import ENCODER_FAMILIES
+from metanet.calib.capture import ENCODER_FAMILIES, load_model_and_tokenizer
 from metanet.checkpoints import Checkpoint
 from metanet.checkpoints.families import Family, Layout, family_for
 from metanet.checkpoints.sources import SafetensorsSource
@@ -103,9 +104,9 @@ def apply(
 ) -> dict:
     """Write the MoE checkpoint of `partition` applied to `checkpoint` into the folder `out`; returns a summary.
 
-    Before anything is written: the source must be a transformers checkpoint (not GGUF)
-    with the partition's layer count; `out` must not hold the source, and an existing `out`
-    must be an MoE checkpoint (it is replaced) or empty. Each layer's fingerprint is
+    Before anything is written: the source must have the partition's layer count and load
+    (a GGUF source is loaded by transformers, see `dense_parts`); `out` must not hold the
+    source, and an existing `out` must be an MoE checkpoint (it is replaced) or empty. Each layer's fingerprint is
     compared with the partition's as the layer is read (use `check_partition` to refuse a
     foreign partition before starting). The folder is built beside `out` under a temporary
     name, then loaded back — every tensor re-read and checked against the checksum taken
@@ -121,12 +122,11 @@ def apply(
     start = time.perf_counter()
     out = Path(out)
     source_folder = checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent
-    if checkpoint.source.format == "gguf":
-        raise MetanetError(f"{checkpoint.path}: apply needs a transformers checkpoint (config.json with safetensors or .bin), not GGUF")
     if pad_multiple < 1:
         raise MetanetError(f"pad multiple must be ≥ 1, got {pad_multiple}")
     _check_destination(out, source_folder)
     partition.check_layer_count(checkpoint.n_layers)
+    parts = dense_parts(checkpoint)
     first_w_in = checkpoint.tensor_names(0)["w_in"]
     dtype = dtype or checkpoint.source.read([first_w_in])[first_w_in].dtype
     section = _moe_section(checkpoint, partition, dtype, pad_multiple)
@@ -136,7 +136,7 @@ def apply(
     except OSError as exc:
         raise MetanetError(f"cannot write MoE checkpoint {out}: {exc.strerror or exc}") from None
     try:
-        checksums = _write(tmp, checkpoint, partition, section, source_folder, dtype, pad_multiple, progress)
+        checksums = _write(tmp, checkpoint, partition, section, parts, dtype, pad_multiple, progress)
         written = time.perf_counter()
         _read_model(tmp, dtype, source=checkpoint.path)  # every tensor re-read against its checksum, the model built from the files
         verified = time.perf_counter()
@@ -180,21 +180,71 @@ def _moe_section(checkpoint: Checkpoint, partition: Partition, dtype: torch.dtyp
     }
 
 
-def _write(tmp: Path, checkpoint: Checkpoint, partition: Partition, section: dict, source_folder: Path,
+@dataclass
+class DenseParts:
+    """What the MoE folder takes from its source besides the FFN layers."""
+
+    config: dict  # the transformers config (config.json without a moe section)
+    read_tensors: Callable[[], dict[str, torch.Tensor]]  # every tensor but the FFN projections and biases, by transformers name
+    write_files: Callable[[Path], None]  # the tokenizer and generation files, into a folder
+
+
+def dense_parts(checkpoint: Checkpoint) -> DenseParts:
+    """The config, non-FFN tensors and tokenizer files of `checkpoint`, for a folder source and a GGUF source alike.
+
+    A transformers checkpoint gives its config.json, its non-FFN tensors as stored, and its
+    tokenizer and generation files (COPIED_FILES) copied. A GGUF file is loaded by transformers
+    (`load_model_and_tokenizer`: dequantised to float32; MetanetError when it cannot), which
+    gives what save_pretrained would write: the model's config (without quantization_config:
+    the tensors are stored dequantised), every non-FFN tensor of its state_dict with tied
+    aliases stored once (lm_head of tied embeddings is not stored; transformers ties it on
+    load), and the tokenizer and generation config saved with save_pretrained. The GGUF's
+    non-FFN tensors stay in memory until the parts are dropped; its FFN weights do not.
+    """
+    ffn_names = {name for i in range(checkpoint.n_layers) for role, name in checkpoint.tensor_names(i).items() if not role.startswith("norm.")}
+    if checkpoint.source.format != "gguf":
+        folder = checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent
+
+        def copy_files(tmp: Path) -> None:
+            for name in COPIED_FILES:
+                if (folder / name).is_file():
+                    shutil.copy2(folder / name, tmp / name)
+
+        dense_names = [name for name in checkpoint.source.names() if name not in ffn_names]
+        return DenseParts(dict(checkpoint.config), lambda: checkpoint.source.read(dense_names), copy_files)
+
+    model, tokenizer = load_model_and_tokenizer(checkpoint)
+    config = model.config.to_dict()
+    for key in ("quantization_config", "_name_or_path"):  # stored dequantised; _name_or_path is where it was loaded from
+        config.pop(key, None)
+    config["architectures"] = [type(model).__name__]
+    tensors, stored = {}, set()  # name → tensor; (storage, offset, shape) of the tensors kept
+    for name, tensor in model.state_dict().items():
+        alias = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if name not in ffn_names and alias not in stored:
+            tensors[name] = tensor
+        stored.add(alias)
+    generation_config = model.generation_config
+    del model  # the dequantised FFN weights: the expert files are written from the GGUF's own layers
+
+    def save_files(tmp: Path) -> None:
+        tokenizer.save_pretrained(tmp)
+        generation_config.save_pretrained(tmp)
+
+    return DenseParts(config, lambda: tensors, save_files)
+
+
+def _write(tmp: Path, checkpoint: Checkpoint, partition: Partition, section: dict, parts: DenseParts,
            dtype: torch.dtype, pad_multiple: int, progress: Callable[[], None] | None) -> dict[str, dict[str, str]]:
     """Every file of the folder into `tmp`; returns the checksums written to checksums.json."""
-    config = dict(checkpoint.config)
+    config = dict(parts.config)
     for key in ("torch_dtype", "dtype"):  # the config states the weights' dtype where it stated one
         if key in config:
             config[key] = section["dtype"]
     (tmp / "config.json").write_text(json.dumps({**config, "moe": section}, indent=2))
-    for name in COPIED_FILES:
-        if (source_folder / name).is_file():
-            shutil.copy2(source_folder / name, tmp / name)
+    parts.write_files(tmp)
 
-    ffn_names = {name for i in range(checkpoint.n_layers) for role, name in checkpoint.tensor_names(i).items() if not role.startswith("norm.")}
-    dense_names = [name for name in checkpoint.source.names() if name not in ffn_names]
-    dense = {name: _cast(t, dtype) for name, t in checkpoint.source.read(dense_names).items()}
+    dense = {name: _cast(t, dtype) for name, t in parts.read_tensors().items()}
     checksums = {DENSE_FILE: _save(dense, tmp / DENSE_FILE)}
     del dense
     for layer in checkpoint.layers():  # one layer in memory at a time
