@@ -29,7 +29,7 @@ def evaluate(
     layers = []
     for layer in checkpoint.layers():
         partition.check_matches(layer.index, layer.fingerprint())
-        row = layer_metrics(layer, partition.layers[layer.index], partition.point, heldout.ffn_inputs.layers[layer.index])
+        row = layer_metrics(layer, partition.layers[layer.index], partition.layer_point(layer.index), heldout.ffn_inputs.layers[layer.index])
         layers.append({"index": layer.index, **row})
         if progress:
             progress()

@@ -26,16 +26,20 @@ METRICS = ("rel_error", "oracle_rel_error", "mass_recall", "router_recall", "loa
 
 @torch.no_grad()
 def layer_metrics(layer: FFNLayer, lp: LayerPartition, point: OperatingPoint, x: torch.Tensor, batch_tokens: int = 1024) -> dict:
-    """All METRICS for one layer.   x: [T, d] held-out FFN inputs."""
+    """All METRICS for one layer.   x: [T, d] held-out FFN inputs.
+
+    The MoE is carved from `lp.carve(layer)` (its compensated down projection, if any); Y is the dense layer's.
+    """
+    carved = lp.carve(layer)
     sums = dict.fromkeys(("dense", "moe", "oracle", "mass_chosen", "mass", "overlap"), 0.0)
     load = torch.zeros(point.experts, dtype=torch.float64, device=x.device)
     for xb in x.split(batch_tokens):
         y = layer.forward(xb)
         mask = select_experts(lp.scores(xb), point)  # [t, E]
-        oracle_mask = select_experts(expert_output_norms(layer, lp.assign, xb, point.experts), point)
+        oracle_mask = select_experts(expert_output_norms(carved, lp.assign, xb, point.experts), point)
         sums["dense"] += y.double().pow(2).sum().item()
-        sums["moe"] += (y - moe_forward(layer, lp.assign, mask, xb)).double().pow(2).sum().item()
-        sums["oracle"] += (y - moe_forward(layer, lp.assign, oracle_mask, xb)).double().pow(2).sum().item()
+        sums["moe"] += (y - moe_forward(carved, lp.assign, mask, xb)).double().pow(2).sum().item()
+        sums["oracle"] += (y - moe_forward(carved, lp.assign, oracle_mask, xb)).double().pow(2).sum().item()
         mass = layer.hidden(xb).abs().double()  # [t, f]
         sums["mass"] += mass.sum().item()
         sums["mass_chosen"] += (mass * mask[:, lp.assign]).sum().item()

@@ -7,7 +7,10 @@ On disk (format_version 1; DESIGN.md "Canonical objects"), with M the padded exp
                                      active, shared, expert_width (m = f/E), padded_width (M: m rounded
                                      up to a multiple of 64), method, router, dtype, router_dtype,
                                      source, fingerprints (FFNLayer.fingerprint() of each source layer),
-                                     partition_info
+                                     partition_info, output_bias (b_out stored for a family without FFN
+                                     biases: a compensated partition's), layers (per block: experts,
+                                     active, shared, expert_width, padded_width; a per-block plan
+                                     differs from the nominal point above)
     model.safetensors                every source tensor but the FFN projections and biases, under its
                                      own name, unchanged (cast only when a dtype is asked for)
     moe-layer-{i:04d}.safetensors    block i's experts, grouped and contiguous:
@@ -15,7 +18,7 @@ On disk (format_version 1; DESIGN.md "Canonical objects"), with M the padded exp
                                          moe.layers.{i}.w_gate         [E, M, d]  gated families only
                                          moe.layers.{i}.w_out          [E, d, M]
                                          moe.layers.{i}.b_in           [E, M]     families with FFN biases
-                                         moe.layers.{i}.b_out          [d]        families with FFN biases
+                                         moe.layers.{i}.b_out          [d]        families with FFN biases, or output_bias
                                          moe.layers.{i}.router.weight  [E, d]     float32
                                          moe.layers.{i}.router.bias    [E]        float32
                                          moe.layers.{i}.order          int64 [E·M]  source neuron, −1 = pad
@@ -177,7 +180,15 @@ def _moe_section(checkpoint: Checkpoint, partition: Partition, dtype: torch.dtyp
         "source": str(checkpoint.path),
         "fingerprints": partition.fingerprints,
         "partition_info": partition.info,
+        "output_bias": partition.compensated and "b_out" not in checkpoint.layout.patterns,
+        "layers": [_layer_entry(partition.layer_point(i), checkpoint.d_ff, pad_multiple) for i in range(checkpoint.n_layers)],
     }
+
+
+def _layer_entry(point: OperatingPoint, d_ff: int, pad_multiple: int) -> dict:
+    """A block's row of the moe section's `layers`: its operating point and expert widths."""
+    m = point.expert_width(d_ff)
+    return {"experts": point.experts, "active": point.active, "shared": point.shared, "expert_width": m, "padded_width": m + -m % pad_multiple}
 
 
 @dataclass
@@ -250,7 +261,7 @@ def _write(tmp: Path, checkpoint: Checkpoint, partition: Partition, section: dic
     for layer in checkpoint.layers():  # one layer in memory at a time
         i = layer.index
         partition.check_matches(i, layer.fingerprint())
-        moe = MoEFFN.from_layer(layer, partition.layers[i], partition.point, pad_to=pad_multiple)
+        moe = MoEFFN.from_layer(layer, partition.layers[i], partition.layer_point(i), pad_to=pad_multiple)
         checksums[layer_file(i)] = write_layer_file(tmp, moe, dtype)
         if progress:
             progress()
@@ -366,9 +377,13 @@ def _read_model(folder: Path, dtype: torch.dtype | None, source: Path, device: s
         raise MetanetError(f"{folder}: config.json describes {layout.n_layers} layers, its moe section {moe['n_layers']}")
     dtype = dtype or getattr(torch, moe["dtype"])
     point = OperatingPoint(moe["experts"], moe["active"], moe["shared"])
+    rows = moe.get("layers") or [{}] * layout.n_layers  # each block's own point (format 1 without `layers`: the nominal one)
+    output_bias = bool(moe.get("output_bias"))
     modules = [
-        _moe_module(_read_verified(folder / layer_file(i), checksums[layer_file(i)]), i, layout, family.name, point, dtype).to(device)
-        for i in range(layout.n_layers)
+        _moe_module(_read_verified(folder / layer_file(i), checksums[layer_file(i)]), i, layout, family.name,
+                    OperatingPoint(row.get("experts", point.experts), row.get("active", point.active), row.get("shared", point.shared)),
+                    dtype, output_bias).to(device)
+        for i, row in enumerate(rows)
     ]
     dense = _read_verified(folder / DENSE_FILE, checksums[DENSE_FILE])
     model = _build_model(config, family, dense, modules, dtype, source)
@@ -406,10 +421,13 @@ def _read_verified(path: Path, digests: dict[str, str]) -> dict[str, torch.Tenso
     return tensors
 
 
-def _moe_module(tensors: dict[str, torch.Tensor], i: int, layout: Layout, family: str, point: OperatingPoint, dtype: torch.dtype) -> MoEFFN:
-    """Block i's MoEFFN from its stored tensors: experts cast to `dtype`, router float32."""
+def _moe_module(tensors: dict[str, torch.Tensor], i: int, layout: Layout, family: str, point: OperatingPoint, dtype: torch.dtype,
+                output_bias: bool = False) -> MoEFFN:
+    """Block i's MoEFFN from its stored tensors: experts cast to `dtype`, router float32. `output_bias`: the checkpoint
+    stores a compensated b_out even where the family's FFN has no biases."""
     prefix = f"moe.layers.{i}."
     expected = {"w_in", "w_out", "router.weight", "router.bias", "order"} | {role for role in ("w_gate", "b_in", "b_out") if role in layout.patterns}
+    expected |= {"b_out"} if output_bias else set()
     stored = {name.removeprefix(prefix) for name in tensors}
     if stored != expected:
         raise MetanetError(f"layer {i}: stored expert tensors {sorted(stored)}, a {family} layer needs {sorted(expected)}")

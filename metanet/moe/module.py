@@ -91,10 +91,13 @@ class MoEFFN(nn.Module):
     def from_layer(cls, layer: FFNLayer, layer_partition: LayerPartition, point: OperatingPoint, pad_to: int = 1) -> MoEFFN:
         """Group `layer`'s hidden neurons by `layer_partition.assign` into E = point.experts experts of equal width.
 
+        A compensated layer partition brings its own down projection and output bias
+        (`LayerPartition.carve`): the experts are carved from the layer with them in place.
         Each expert's width m = f/E is rounded up to a multiple of `pad_to` with pad
         neurons (module docstring). Tensors keep the layer's dtype and device (the router
         is cast to them); the layer itself is not modified.
         """
+        layer = layer_partition.carve(layer)
         f, d = layer.d_ff, layer.d_model
         m = point.expert_width(f)  # MetanetError unless E splits f evenly
         n_experts = point.experts

@@ -2,17 +2,27 @@
 
 On disk (a folder, DESIGN.md "Canonical objects"):
     partition.json          method, router, experts E, active k, shared s, expert width,
-                            source checkpoint fingerprints, per-layer summary, run info
+                            source checkpoint fingerprints, per-layer summary (each layer's own
+                            experts / active / shared), run info
     partition.safetensors   layers.{i}.assign         int32 [f]  expert id per neuron, shared experts first
                             layers.{i}.router.weight  [E, d]
                             layers.{i}.router.bias    [E]
+                            layers.{i}.w_out          [d, f]  compensated layers only: the refitted down
+                            layers.{i}.b_out          [d]     projection (source neuron order) and output bias
 
 Experts 0..s-1 are shared (always active); s..E-1 are routed, and a token uses the k-s
 routed experts with the highest router scores  x·router.weight[e] + router.bias[e].
+
+A per-block plan gives layers their own operating point (`LayerPartition.point`); the top-level
+experts / active / shared are then the plan's nominal point (the one its budget averages to), used by
+every layer without a point of its own. A compensated layer (metanet.conversion.compensate) carries
+its refitted down projection: `LayerPartition.carve(layer)` is the source layer with it in place, and
+every MoE built from the partition is carved from that.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -22,6 +32,7 @@ from pathlib import Path
 import torch
 
 from metanet.atomic import replace_folder
+from metanet.checkpoints import FFNLayer
 from metanet.errors import MetanetError
 
 FORMAT_VERSION = 1
@@ -65,10 +76,24 @@ class LayerPartition:
     assign: torch.Tensor  # int64 [f], expert id of each hidden neuron
     router_weight: torch.Tensor  # float32 [E, d]
     router_bias: torch.Tensor  # float32 [E]
+    point: OperatingPoint | None = None  # this layer's own operating point (a per-block plan); None: the partition's
+    w_out: torch.Tensor | None = None  # float32 [d, f] compensated down projection, source neuron order; None: the layer's own
+    b_out: torch.Tensor | None = None  # float32 [d] compensated output bias (only with w_out); None: the layer's own
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Router scores.   x: [T, d] → [T, E]"""
         return x @ self.router_weight.T + self.router_bias
+
+    @property
+    def compensated(self) -> bool:
+        return self.w_out is not None
+
+    def carve(self, layer: FFNLayer) -> FFNLayer:
+        """The source layer the experts are carved from: `layer` itself, or with the compensated down projection and bias."""
+        if self.w_out is None:
+            return layer
+        cast = lambda t: t.to(device=layer.w_out.device, dtype=layer.w_out.dtype)  # noqa: E731
+        return dataclasses.replace(layer, w_out=cast(self.w_out), b_out=None if self.b_out is None else cast(self.b_out))
 
 
 @dataclass
@@ -81,6 +106,23 @@ class Partition:
     fingerprints: list[str]  # FFNLayer.fingerprint() of each source layer
     source: str = ""  # the checkpoint as the user named it
     info: dict = field(default_factory=dict)  # seed, convert_s, calib_tokens, …
+
+    def layer_point(self, index: int) -> OperatingPoint:
+        """Layer `index`'s operating point: its own (a plan), else the partition's."""
+        return self.layers[index].point or self.point
+
+    @property
+    def planned(self) -> bool:
+        """Whether some layer runs another operating point than the partition's."""
+        return any(self.layer_point(i) != self.point for i in range(len(self.layers)))
+
+    @property
+    def compensated(self) -> bool:
+        return any(lp.compensated for lp in self.layers)
+
+    def active_fraction(self) -> float:
+        """Mean over layers of the share of experts a token runs, k_ℓ / E_ℓ (the FFN parameters it touches, biases aside)."""
+        return sum(p.active / p.experts for p in map(self.layer_point, range(len(self.layers)))) / len(self.layers)
 
     def check_layer_count(self, n_layers: int) -> None:
         """Raise unless the model this partition is applied to has as many FFN layers."""
@@ -100,15 +142,16 @@ class Partition:
             )
 
     def summary(self) -> list[dict]:
-        """Per layer: expert sizes (must all equal the expert width) and router norm."""
-        return [
-            {
-                "index": i,
-                "expert_sizes": torch.bincount(lp.assign, minlength=self.point.experts).tolist(),
-                "router_norm": round(lp.router_weight.norm().item(), 6),
-            }
-            for i, lp in enumerate(self.layers)
-        ]
+        """Per layer: its operating point, expert sizes (each equal to the layer's expert width), router norm, compensation."""
+        rows = []
+        for i, lp in enumerate(self.layers):
+            point = self.layer_point(i)
+            rows.append({
+                "index": i, "experts": point.experts, "active": point.active, "shared": point.shared,
+                "expert_sizes": torch.bincount(lp.assign, minlength=point.experts).tolist(),
+                "router_norm": round(lp.router_weight.norm().item(), 6), "compensated": lp.compensated,
+            })
+        return rows
 
     # -- files --------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
@@ -126,6 +169,7 @@ class Partition:
             "width_multiple": self.point.width_multiple,
             "expert_width": self.expert_width,
             "n_layers": len(self.layers),
+            "active_fraction": round(self.active_fraction(), 6),
             "source": self.source,
             "fingerprints": self.fingerprints,
             "info": self.info,
@@ -136,6 +180,9 @@ class Partition:
             tensors[f"layers.{i}.assign"] = lp.assign.to(torch.int32).contiguous()
             tensors[f"layers.{i}.router.weight"] = lp.router_weight.float().contiguous()
             tensors[f"layers.{i}.router.bias"] = lp.router_bias.float().contiguous()
+            for name in ("w_out", "b_out"):
+                if getattr(lp, name) is not None:
+                    tensors[f"layers.{i}.{name}"] = getattr(lp, name).float().contiguous()
         try:
             folder.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -166,6 +213,9 @@ class Partition:
                     tensors[f"layers.{i}.assign"].long(),
                     tensors[f"layers.{i}.router.weight"],
                     tensors[f"layers.{i}.router.bias"],
+                    _layer_point(meta["layers"][i] if i < len(meta.get("layers", [])) else {}, point),
+                    tensors.get(f"layers.{i}.w_out"),
+                    tensors.get(f"layers.{i}.b_out"),
                 )
                 for i in range(meta["n_layers"])
             ]
@@ -174,3 +224,11 @@ class Partition:
             raise MetanetError(f"{folder}: broken partition ({type(exc).__name__}: {exc})") from None
         except Exception as exc:  # safetensors' own errors for damaged files
             raise MetanetError(f"{folder}: unreadable partition.safetensors ({str(exc).splitlines()[0]})") from None
+
+
+def _layer_point(row: dict, nominal: OperatingPoint) -> OperatingPoint | None:
+    """A layer's own operating point from its partition.json summary row; None where it is the nominal one (or not stated)."""
+    if "active" not in row:
+        return None
+    point = OperatingPoint(row["experts"], row["active"], row["shared"], nominal.width_multiple)
+    return None if point == nominal else point
