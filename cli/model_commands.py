@@ -99,6 +99,6 @@ def predict(
     config: Optional[Path] = config_option(),
 ) -> None:
     """Predict a Partition for a checkpoint with the metanetwork: data-free, or data-aware with --corpus or --calibration generated."""
-    data_aware = corpus is not None or calibration == "generated"
+    data_aware = corpus is not None or calibration != "text"
     run_partition(checkpoint, "metanet-data" if data_aware else "metanet", _point(experts, active, shared, width_multiple), router,
                   corpus, calib_tokens, seed, out, tracking_uri, experiment="predict", model=model, calibration=calibration, device=device)

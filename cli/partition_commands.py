@@ -39,7 +39,7 @@ def partition_out_option():
 
 
 def calibration_option():
-    return typer.Option("text", "--calibration", help="Where calibration comes from: text (--corpus) | generated (windows the model writes itself: no text needed).")
+    return typer.Option("text", "--calibration", help="Where calibration comes from: text (--corpus) | generated (windows the model writes itself: no text needed) | mix (half of each).")
 
 
 def _check_calibration(calibration: str) -> None:
@@ -138,7 +138,7 @@ def run_partition(checkpoint: str, method: str, point, router: Optional[str], co
         net = load_model(model, tracking_uri)
     layers, split = None, None  # per-layer calibration, and the split it came from
     if needs_calibration(method, [router]):
-        docs = load_corpus(corpus) if calibration == "text" else None
+        docs = load_corpus(corpus) if calibration != "generated" else None
         lm, tokenizer = load_model_and_tokenizer(ckpt)
         split = _calibration_split(ckpt, lm, tokenizer, calib_tokens, docs, calibration, seed)
         layers = _layer_calibration(ckpt, split)

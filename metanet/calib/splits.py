@@ -21,7 +21,8 @@ from metanet.calib.generated import generated_windows
 from metanet.errors import MetanetError
 
 SPLITS = ("calibration", "heldout")
-CALIBRATION_SOURCES = ("text", "generated")
+#: text: the corpus's calibration half; generated: windows the model writes itself; mix: half of each.
+CALIBRATION_SOURCES = ("text", "generated", "mix")
 
 
 @dataclass
@@ -63,6 +64,31 @@ def text_split(
     return TextSplit(split, input_ids, inputs, time.perf_counter() - start)
 
 
+def calibration_windows(
+    model,
+    tokenizer,
+    family: str,
+    n_tokens: int,
+    corpus: list[str] | None,
+    source: str = "text",
+    seed: int = 0,
+    seq_len: int = 128,
+    progress: Callable[[int], None] | None = None,
+) -> torch.LongTensor:
+    """⌈n_tokens / seq_len⌉ calibration windows [N, seq_len]: `n_tokens` of the corpus's calibration half (source "text"),
+    windows the model writes itself ("generated"; `corpus` unused), or half of each ("mix": text first).
+    The document split always uses seed 0 (as `text_split`); `seed` chooses the windows and the sampling."""
+    if source not in CALIBRATION_SOURCES:
+        raise MetanetError(f"calibration source must be one of {', '.join(CALIBRATION_SOURCES)}, got {source!r}")
+    text_tokens = {"text": n_tokens, "generated": 0, "mix": n_tokens // 2}[source]
+    parts = []
+    if text_tokens:
+        parts.append(tokenize_documents(tokenizer, split_documents(corpus, seed=0)[0], text_tokens, seq_len=seq_len, seed=seed))
+    if n_tokens - text_tokens > 0:
+        parts.append(generated_windows(model, family, n_tokens - text_tokens, seq_len=seq_len, seed=seed, progress=progress))
+    return torch.cat(parts)
+
+
 def calibration_split(
     model,
     tokenizer,
@@ -73,13 +99,8 @@ def calibration_split(
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> TextSplit:
-    """The calibration windows and their FFN inputs: `n_tokens` of the corpus's calibration half
-    (source "text"), or windows the model writes itself (source "generated"; `corpus` unused)."""
-    if source not in CALIBRATION_SOURCES:
-        raise MetanetError(f"calibration source must be one of {', '.join(CALIBRATION_SOURCES)}, got {source!r}")
-    if source == "text":
-        return text_split(model, tokenizer, family, "calibration", n_tokens, corpus, seed=seed, progress=progress)
+    """The calibration windows of `calibration_windows` and the dense model's FFN inputs on them."""
     start = time.perf_counter()
-    input_ids = generated_windows(model, family, n_tokens, seed=seed, progress=progress)
+    input_ids = calibration_windows(model, tokenizer, family, n_tokens, corpus, source, seed, progress=progress)
     inputs = capture_ffn_inputs(model, family, input_ids, progress=progress)
-    return TextSplit("generated", input_ids, inputs, time.perf_counter() - start)
+    return TextSplit("calibration" if source == "text" else source, input_ids, inputs, time.perf_counter() - start)

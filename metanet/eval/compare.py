@@ -35,7 +35,7 @@ class CompareSettings:
     routers: list[str] | None = None  # None: each method's own router; else every listed router for every method
     seeds: list[int] = field(default_factory=lambda: [0])
     corpus: str | None = None
-    calibration: str = "text"  # calibration windows: the corpus's ("text") or the model's own ("generated"); held-out is always text
+    calibration: str = "text"  # calibration windows: the corpus's ("text"), the model's own ("generated") or half of each ("mix"); held-out is always text
     calib_tokens: int = 4096
     heldout_tokens: int = 4096
     model_quality: bool = True

@@ -25,7 +25,7 @@ def calibrate(checkpoint: Checkpoint, corpus: str | None, n_tokens: int = 4096, 
     from metanet.calib import calibration_split, load_corpus, load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(checkpoint)
-    docs = load_corpus(corpus) if source == "text" else None
+    docs = load_corpus(corpus) if source != "generated" else None
     split = calibration_split(model, tokenizer, checkpoint.family.name, n_tokens, docs, source, seed)
     return layer_calibrations(checkpoint.layers(), split.ffn_inputs.layers), split
 
@@ -47,7 +47,7 @@ def predict_partition(
     own; any router name of `metanet partition` works. `device`: where the network runs (layers are moved there)."""
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     point.expert_width(ckpt.d_ff)
-    data_aware = bool(corpus) or calibration == "generated"
+    data_aware = bool(corpus) or calibration != "text"
     layers, split = calibrate(ckpt, corpus, calib_tokens, seed, calibration) if data_aware else (None, None)
     return make_partition(
         ckpt, "metanet-data" if data_aware else "metanet", point, router, calibration=layers, seed=seed,
