@@ -189,12 +189,23 @@ def convert(model: nn.Module, family: str, partition: Partition) -> nn.Module:
     partition.check_layer_count(len(layers))
     for layer in layers:  # check everything before changing anything
         partition.check_matches(layer.index, layer.fingerprint())
-    install(model, family, [MoEFFN.from_layer(layer, partition.layers[layer.index], partition.point) for layer in layers])
+    install(model, family, [MoEFFN.from_layer(layer, partition.layers[layer.index], partition.layer_point(layer.index)) for layer in layers])
     p = partition.point
     log.debug("converted %d %s FFN layers to MoE: E=%d, k=%d, shared=%d, expert width %d (partition %s/%s)",
              len(layers), family, p.experts, p.active, p.shared, layers[0].d_ff // p.experts if layers else 0,
              partition.method, partition.router)
     return model
+
+
+def model_blocks(model: nn.Module, family: str) -> nn.ModuleList:
+    """The transformer blocks of `model`, in order (MetanetError unless it has `family`'s layout)."""
+    return _resolve(model, family)[2]
+
+
+def install_block(model: nn.Module, family: str, index: int, module: MoEFFN) -> None:
+    """Put `module` where block `index`'s FFN runs (table in the module docstring), in place."""
+    ops, _, blocks = _resolve(model, family)
+    ops.install(blocks[index], module)
 
 
 def install(model: nn.Module, family: str, modules: list[MoEFFN]) -> nn.Module:

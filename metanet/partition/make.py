@@ -16,11 +16,12 @@ from typing import Callable
 
 import torch
 
-from metanet.checkpoints import Checkpoint
+from metanet.checkpoints import Checkpoint, FFNLayer
 from metanet.errors import MetanetError
 from metanet.model.network import expert_router
 from metanet.partition.methods import CALIBRATED_METHODS, METHODS, LayerCalibration, assign_neurons
 from metanet.partition.partition import LayerPartition, OperatingPoint, Partition
+from metanet.partition.refine import refine_by_coverage
 from metanet.partition.routers import CALIBRATED_ROUTERS, DEFAULT_ROUTER, check_router, fit_router
 
 METANET_METHODS = ("metanet", "metanet-data")
@@ -63,7 +64,7 @@ def make_partitions(
     `calibration` maps layer index → LayerCalibration and is required when the method or a
     router is data-driven. convert_s of each partition = assignment time + its router's
     time + `calib_seconds` (the time spent producing the calibration data) when it used data.
-    `calib_source` ("text" or "generated") is recorded in the info of partitions that used it.
+    `calib_source` ("text", "generated" or "mix") is recorded in the info of partitions that used it.
     `device`: where the metanetwork runs (its forward pass, assignment and own router; each layer is moved
     there and the results back); baselines and the other routers run on the CPU. Returns router name → Partition.
     """
@@ -71,32 +72,15 @@ def make_partitions(
     expert_width = point.expert_width(checkpoint.d_ff)
     if needs_calibration(method, names) and calibration is None:
         raise MetanetError(f"{method} with router(s) {', '.join(names)} needs calibration text")
-    net = _metanetwork(metanetwork) if method in METANET_METHODS or METANET_ROUTER in names else None
-    if net is not None:
-        net = copy.deepcopy(net).to(device)  # a copy: the caller's network stays where it is
+    net = layer_metanetwork(metanetwork, method, names, device)
     seconds = dict.fromkeys(["assign", *names], 0.0)
     layers: dict[str, list[LayerPartition]] = {name: [] for name in names}
     fingerprints = []
     for layer in checkpoint.layers():
         calib = calibration[layer.index] if calibration is not None else None
-        start = time.perf_counter()
-        outputs, on_device = None, layer.to(device=device) if net is not None else layer  # the network's copy of the layer
-        if net is not None:
-            with torch.no_grad():
-                outputs = net.neuron_outputs(on_device, calib.stats.to(device) if method == "metanet-data" else None)
-        if method in METANET_METHODS:
-            assign = net.assign(outputs, point, expert_width).cpu()
-        else:
-            assign = assign_neurons(method, layer, point, calib, seed)
-        seconds["assign"] += time.perf_counter() - start
+        routed = partition_layer(layer, method, point, names, calib, seed, net, device, seconds=seconds)
         for name in names:
-            start = time.perf_counter()
-            if name == METANET_ROUTER:
-                weight, bias = (t.float().cpu() for t in expert_router(on_device, assign.to(device), outputs, point.experts))
-            else:
-                weight, bias = fit_router(name, layer, assign, point, calib, seed)
-            seconds[name] += time.perf_counter() - start
-            layers[name].append(LayerPartition(assign, weight, bias))
+            layers[name].append(routed[name])
         fingerprints.append(layer.fingerprint())
         if progress:
             progress()
@@ -111,10 +95,61 @@ def make_partitions(
     return partitions
 
 
-def _metanetwork(net):
-    from metanet.model.store import load_model
+def layer_metanetwork(metanetwork, method: str, routers: list[str], device: torch.device | str = "cpu"):
+    """The metanetwork a partition with `method` and `routers` runs (None when neither is a metanet one): a copy of
+    `metanetwork` (None: the shipped network) on `device`, so the caller's network stays where it is."""
+    if method not in METANET_METHODS and METANET_ROUTER not in routers:
+        return None
+    if metanetwork is None:
+        from metanet.model.store import load_model
 
-    return net if net is not None else load_model()
+        metanetwork = load_model()
+    return copy.deepcopy(metanetwork).to(device)
+
+
+def partition_layer(
+    layer: FFNLayer,
+    method: str,
+    point: OperatingPoint,
+    routers: list[str],
+    calib: LayerCalibration | None = None,
+    seed: int = 0,
+    net=None,
+    device: torch.device | str = "cpu",
+    refine: bool = False,
+    seconds: dict[str, float] | None = None,
+) -> dict[str, LayerPartition]:
+    """One layer: the assignment of `method`, refined by coverage when `refine` (needs `calib`), then each router fitted on it.
+
+    `net` is the metanetwork (from `layer_metanetwork`) for the metanet methods and router; it runs on `device`.
+    `seconds`, when given, accumulates the time spent under "assign" and under each router's name.
+    Returns router name → LayerPartition.
+    """
+    seconds = seconds if seconds is not None else dict.fromkeys(["assign", *routers], 0.0)
+    start = time.perf_counter()
+    outputs, on_device = None, layer.to(device=device) if net is not None else layer  # the network's copy of the layer
+    if net is not None:
+        with torch.no_grad():
+            outputs = net.neuron_outputs(on_device, calib.stats.to(device) if method == "metanet-data" else None)
+    if method in METANET_METHODS:
+        assign = net.assign(outputs, point, point.expert_width(layer.d_ff)).cpu()
+    else:
+        assign = assign_neurons(method, layer, point, calib, seed)
+    if refine:
+        if calib is None:
+            raise MetanetError("coverage refinement needs calibration text (or generated windows)")
+        assign = refine_by_coverage(layer, calib.x, assign, point)
+    seconds["assign"] += time.perf_counter() - start
+    routed = {}
+    for name in routers:
+        start = time.perf_counter()
+        if name == METANET_ROUTER:
+            weight, bias = (t.float().cpu() for t in expert_router(on_device, assign.to(device), outputs, point.experts))
+        else:
+            weight, bias = fit_router(name, layer, assign, point, calib, seed)
+        seconds[name] += time.perf_counter() - start
+        routed[name] = LayerPartition(assign, weight, bias)
+    return routed
 
 
 def make_partition(checkpoint: Checkpoint, method: str, point: OperatingPoint, router: str | None = None, **kwargs) -> Partition:

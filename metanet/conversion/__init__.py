@@ -1,0 +1,1 @@
+"""Training-free conversion of a dense checkpoint: the block-by-block pipeline, compensation, sensitivity and plans."""
