@@ -29,8 +29,9 @@ def evaluate(
     layers = []
     for layer in checkpoint.layers():
         partition.check_matches(layer.index, layer.fingerprint())
-        row = layer_metrics(layer, partition.layers[layer.index], partition.layer_point(layer.index), heldout.ffn_inputs.layers[layer.index])
-        layers.append({"index": layer.index, **row})
+        point = partition.layer_point(layer.index)  # a plan's own point per block
+        row = layer_metrics(layer, partition.layers[layer.index], point, heldout.ffn_inputs.layers[layer.index])
+        layers.append({"index": layer.index, "active": point.active, **row})
         if progress:
             progress()
     report = {
@@ -39,6 +40,8 @@ def evaluate(
         "experts": partition.point.experts,
         "active": partition.point.active,
         "shared": partition.point.shared,
+        "planned": partition.planned,
+        "compensated": partition.compensated,
         **mean_over_layers(layers),
         "convert_s": partition.info.get("convert_s"),
         "calib_tokens": partition.info.get("calib_tokens"),

@@ -18,6 +18,12 @@ def _pyplot():
     return plt
 
 
+def matplotlib_ticker():
+    import matplotlib.ticker
+
+    return matplotlib.ticker
+
+
 def plot_rel_error_by_layer(rel_errors: dict[str, list[float]], path: str | Path, title: str = "") -> Path:
     """One line per method: rel_error of each layer."""
     plt = _pyplot()
@@ -153,6 +159,58 @@ def plot_speedup(rows: list[dict], path: str | Path, title: str = "") -> Path:
     ax.set_ylim(bottom=0)
     ax.set_title(title or "MoE FFN speed-up over the dense FFN")
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_pareto(curves: dict[str, list[tuple[float, float]]], uniform: dict[str, list[tuple[float, float]]], path: str | Path,
+                chosen: tuple[float, float] | None = None, title: str = "") -> Path:
+    """Modelled ppl_ratio against the active FFN fraction: one line per method (its best per-block plans,
+    `metanet.conversion.plan.pareto_curve`), its uniform-k points marked (every block at the same measured k),
+    and the chosen plan as a star. Log scale on the ratio (1 is the dense model)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    colours = itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    for label, colour in zip(curves, colours):
+        fractions, ratios = zip(*curves[label]) if curves[label] else ((), ())
+        ax.step(fractions, ratios, where="post", color=colour, label=f"{label}: per-block plans")
+        if uniform.get(label):
+            ax.scatter(*zip(*uniform[label]), color=colour, marker="o", edgecolor="black", zorder=3, label=f"{label}: uniform k")
+    if chosen is not None:
+        ax.scatter([chosen[0]], [chosen[1]], marker="*", s=180, color="gold", edgecolor="black", zorder=4, label="chosen plan")
+    ax.axhline(1.0, color="tab:gray", lw=1, ls="--")
+    ax.set_yscale("log")
+    plain = matplotlib_ticker().FuncFormatter(lambda value, _: f"{value:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+    ax.set_xlim(0, 1.02)
+    ax.set_xlabel("active FFN fraction (mean over blocks of k/E)")
+    ax.set_ylabel("modelled ppl_ratio (MoE / dense)")
+    ax.set_title(title or "modelled perplexity cost of per-block plans")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_per_block(values: list[float], path: str | Path, metric: str = "ppl_ratio", title: str = "") -> Path:
+    """Bars of a whole-model metric with only block ℓ converted, one bar per block (`per_block_quality`);
+    the dashed line is the dense model (1)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5, 0.25 * len(values) + 2), 3.4))
+    ax.bar(range(len(values)), values, color="tab:blue")
+    ax.axhline(1.0, color="tab:gray", lw=1, ls="--")
+    ax.set_xlabel("block converted alone")
+    ax.set_ylabel(metric)
+    if metric == "ppl_ratio":
+        ax.set_ylim(bottom=min(1.0, min(values, default=1.0)) * 0.98)
+    ax.set_title(title or f"{metric} with only one block converted")
+    ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
