@@ -3,6 +3,11 @@
 Every (method, router, seed) is one row of `evaluate`'s report; `aggregate` folds the
 seeds into mean and spread; `markdown_table` renders the result. Calibration and
 held-out text are prepared once and shared by all rows.
+
+With a conversion technique on (sequential calibration, coverage refinement, compensation:
+metanet.conversion), each row is converted on its own by `convert_checkpoint` with those
+settings (its calibration windows drawn by the pipeline, with the row's seed) instead of
+`make_partitions`; every row records its technique.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from typing import Callable
 
 from metanet.calib import calibration_split, load_corpus, load_model_and_tokenizer, text_split
 from metanet.checkpoints import Checkpoint
+from metanet.conversion.compensate import DEFAULT_RIDGE
+from metanet.conversion.pipeline import ConversionSettings, convert_checkpoint
 from metanet.eval.evaluate import evaluate
 from metanet.eval.metrics import METRICS
 from metanet.eval.model_quality import dense_reference
@@ -40,6 +47,25 @@ class CompareSettings:
     heldout_tokens: int = 4096
     model_quality: bool = True
     metanetwork: object = None  # MetaNetwork for the metanet methods and router; None: the shipped one
+    sequential: bool = False  # conversion techniques (metanet.conversion.pipeline); all off: make_partitions, the baseline
+    refine: bool = False
+    compensate: bool = False
+    ridge: float = DEFAULT_RIDGE
+
+    @property
+    def converts(self) -> bool:
+        """Whether rows go through the conversion pipeline (some technique is on)."""
+        return self.sequential or self.refine or self.compensate
+
+    def technique(self) -> str:
+        """The row label of the techniques: "none", or e.g. "sequential+refine+compensate(ridge=0.1)"."""
+        names = [name for name in ("sequential", "refine", "compensate") if getattr(self, name)]
+        label = "+".join(names) or "none"
+        return f"{label}(ridge={self.ridge:g})" if self.compensate else label
+
+    def conversion(self, method: str, router: str, seed: int) -> ConversionSettings:
+        return ConversionSettings(method=method, router=router, point=self.point, calibration=self.calibration, calib_tokens=self.calib_tokens,
+                                  sequential=self.sequential, refine=self.refine, compensate=self.compensate, ridge=self.ridge, seed=seed)
 
 
 def compare(checkpoint: Checkpoint, settings: CompareSettings, progress: Callable[[str], None] | None = None) -> list[dict]:
@@ -55,37 +81,43 @@ def compare(checkpoint: Checkpoint, settings: CompareSettings, progress: Callabl
     heldout = text_split(model, tokenizer, family, "heldout", settings.heldout_tokens, corpus)
     reference = dense_reference(model, family, heldout.input_ids) if settings.model_quality else None
     rows = []
+    technique = settings.technique()
     for seed in settings.seeds:
         calibration, calib_split = None, None
-        if any(needs_calibration(m, routers_of[m]) for m in settings.methods):
+        if not settings.converts and any(needs_calibration(m, routers_of[m]) for m in settings.methods):
             calib_split = calibration_split(model, tokenizer, family, settings.calib_tokens, corpus, settings.calibration, seed)
             calibration = layer_calibrations(checkpoint.layers(), calib_split.ffn_inputs.layers)
         for method in settings.methods:
-            partitions = make_partitions(
-                checkpoint, method, settings.point, routers_of[method],
-                calibration=calibration if needs_calibration(method, routers_of[method]) else None,
-                seed=seed,
-                calib_tokens=calib_split.n_tokens if calib_split else 0,
-                calib_seconds=calib_split.seconds if calib_split else 0.0,
-                metanetwork=settings.metanetwork,
-                calib_source=settings.calibration,
-            )
+            if settings.converts:
+                partitions = {router: convert_checkpoint(checkpoint, settings.conversion(method, router, seed), model, tokenizer, corpus,
+                                                         settings.metanetwork)
+                              for router in (resolve_router(method, r) for r in routers_of[method])}
+            else:
+                partitions = make_partitions(
+                    checkpoint, method, settings.point, routers_of[method],
+                    calibration=calibration if needs_calibration(method, routers_of[method]) else None,
+                    seed=seed,
+                    calib_tokens=calib_split.n_tokens if calib_split else 0,
+                    calib_seconds=calib_split.seconds if calib_split else 0.0,
+                    metanetwork=settings.metanetwork,
+                    calib_source=settings.calibration,
+                )
             for router, partition in partitions.items():
                 report = evaluate(checkpoint, partition, heldout, model if settings.model_quality else None, reference)
-                rows.append({"seed": seed, **report})
+                rows.append({"seed": seed, "technique": technique, **report})
                 if progress:
-                    progress(f"{method}/{router} seed {seed}: rel_error {report['rel_error']:.3f}")
+                    progress(f"{method}/{router} ({technique}) seed {seed}: rel_error {report['rel_error']:.3f}")
     return rows
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
-    """Rows grouped by (method, router): each column's mean and population std over seeds."""
-    groups: dict[tuple[str, str], list[dict]] = {}
+    """Rows grouped by (method, router, technique): each column's mean and population std over seeds."""
+    groups: dict[tuple[str, str, str], list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["method"], row["router"]), []).append(row)
+        groups.setdefault((row["method"], row["router"], row.get("technique", "none")), []).append(row)
     table = []
-    for (method, router), group in groups.items():
-        entry = {"method": method, "router": router, "seeds": len(group)}
+    for (method, router, technique), group in groups.items():
+        entry = {"method": method, "router": router, "technique": technique, "seeds": len(group)}
         for column in COLUMNS:
             values = [row[column] for row in group if row.get(column) is not None]
             if values:
@@ -96,9 +128,11 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 
 def markdown_table(table: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
-    """GitHub Markdown: mean ± std where a spread exists."""
+    """GitHub Markdown: mean ± std where a spread exists; a technique column when some row used a conversion technique."""
     present = [c for c in columns if any(c in row for row in table)]
-    lines = ["| method | router | " + " | ".join(present) + " |", "|---|---|" + "---|" * len(present)]
+    techniques = any(row.get("technique", "none") != "none" for row in table)
+    keys = ["method", "router", *(["technique"] if techniques else [])]
+    lines = ["| " + " | ".join(keys) + " | " + " | ".join(present) + " |", "|" + "---|" * (len(keys) + len(present))]
     for row in table:
         cells = []
         for column in present:
@@ -108,6 +142,5 @@ def markdown_table(table: list[dict], columns: tuple[str, ...] = COLUMNS) -> str
                 cells.append(f"{row[column]:.4g} ± {row[f'{column}_std']:.2g}")
             else:
                 cells.append(f"{row[column]:.4g}")
-        lines.append(f"| {row['method']} | {row['router']} | " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(str(row.get(key, "none")) for key in keys) + " | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
