@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 #: last dotted part is one of these (compare logs `kmeans.centroid.rel_error`, the zoo
 #: `teacher.coact.rel_error`).
 KEY_METRICS = (
-    "rel_error", "oracle_rel_error", "router_recall", "mass_recall", "load_cv", "ppl_ratio", "embedding_cosine",
+    "rel_error", "oracle_rel_error", "router_recall", "mass_recall", "load_cv", "ppl_ratio", "embedding_cosine", "predicted_ppl_ratio",
     "heldout_loss", "train_loss", "convert_s", "size_mb", "speedup", "e2e_speedup",
 )
 

@@ -304,6 +304,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def check_destination(checkpoint: Checkpoint, out: str | Path) -> None:
+    """What `apply` checks of `out` before it writes anything, for callers that do long work first (metanet convert):
+    MetanetError when `out` holds the source or is an existing file or folder that is not an MoE checkpoint."""
+    _check_destination(Path(out), checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent)
+
+
 def _check_destination(out: Path, source_folder: Path) -> None:
     """Refuse an `out` that holds the source, or an existing file or folder that is not an MoE checkpoint."""
     if source_folder.resolve().is_relative_to(out.resolve()):
