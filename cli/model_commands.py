@@ -10,8 +10,8 @@ from cli.app import app, console
 from cli.checkpoint_commands import CHECKPOINT_HELP
 from cli.config import config_option
 from cli.partition_commands import (
-    CORPUS_HELP, TRACKING_HELP, _point, _summary_table, active_option, calibration_option, experts_option, partition_out_option, run_partition, shared_option,
-    width_multiple_option,
+    CORPUS_HELP, TRACKING_HELP, _summary_table, active_option, calibration_option, compensate_option, experts_option, partition_out_option, plan_option,
+    point_options, refine_option, ridge_option, run_partition, sequential_option, shared_option, techniques, width_multiple_option,
 )
 from training.metanet_train import TrainConfig
 
@@ -82,6 +82,7 @@ def train(
 
 @app.command()
 def predict(
+    ctx: typer.Context,
     checkpoint: str = typer.Argument(..., help=CHECKPOINT_HELP),
     model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
     experts: int = experts_option(),
@@ -91,6 +92,11 @@ def predict(
     calibration: str = calibration_option(),
     calib_tokens: int = typer.Option(4096, "--calib-tokens", help="Calibration tokens in data-aware mode."),
     router: Optional[str] = typer.Option(None, "--router", help="metanet (default) or any router of `metanet partition`, e.g. lsq with --corpus."),
+    sequential: bool = sequential_option(False),
+    refine: bool = refine_option(False),
+    compensate: bool = compensate_option(False),
+    ridge: Optional[float] = ridge_option(),
+    plan: Optional[Path] = plan_option(),
     width_multiple: int = width_multiple_option(),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device", help="Where the metanetwork runs: auto (a GPU when there is one) | cpu | cuda."),
@@ -100,5 +106,6 @@ def predict(
 ) -> None:
     """Predict a Partition for a checkpoint with the metanetwork: data-free, or data-aware with --corpus or --calibration generated."""
     data_aware = corpus is not None or calibration != "text"
-    run_partition(checkpoint, "metanet-data" if data_aware else "metanet", _point(experts, active, shared, width_multiple), router,
-                  corpus, calib_tokens, seed, out, tracking_uri, experiment="predict", model=model, calibration=calibration, device=device)
+    run_partition(checkpoint, "metanet-data" if data_aware else "metanet", router, point_options(ctx, plan), width_multiple, plan,
+                  techniques(sequential, refine, compensate, ridge), corpus, calibration, calib_tokens, seed, out, tracking_uri,
+                  experiment="predict", model=model, device=device)
