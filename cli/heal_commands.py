@@ -22,6 +22,10 @@ def heal_command(
     corpus: Optional[str] = typer.Option(None, "--corpus", help=CORPUS_HELP),
     tokens: int = typer.Option(DEFAULTS.tokens, "--tokens", help="Training tokens (token budget)."),
     train: str = typer.Option(DEFAULTS.train, "--train", help="routers | routers+experts: what is trained; every other tensor stays bit-identical."),
+    data: str = typer.Option(DEFAULTS.data, "--data", help="text (the corpus's calibration split) | generated (windows the dense teacher writes itself; "
+                             "the corpus then serves held-out metrics only)."),
+    pool_tokens: int = typer.Option(DEFAULTS.pool_tokens, "--pool-tokens", help="--data generated: tokens the teacher writes once at the start "
+                                    "(fewer when --tokens is smaller), cycled in shuffled epochs; kept for --resume."),
     lr: float = typer.Option(DEFAULTS.lr, "--lr", help="AdamW learning rate (linear warmup, then constant)."),
     batch_size: int = typer.Option(DEFAULTS.batch_size, "--batch-size", help="Token windows per optimizer step."),
     seq_len: int = typer.Option(DEFAULTS.seq_len, "--seq-len", help="Tokens per window."),
@@ -47,7 +51,7 @@ def heal_command(
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # device banners and tips; our own log says what matters
     settings = HealSettings(
-        tokens=tokens, train=train, lr=lr, batch_size=batch_size, seq_len=seq_len, output_weight=output_weight,
+        tokens=tokens, train=train, data=data, pool_tokens=pool_tokens, lr=lr, batch_size=batch_size, seq_len=seq_len, output_weight=output_weight,
         ffn_weight=ffn_weight, balance_weight=balance_weight, warmup_steps=warmup_steps, eval_tokens=eval_tokens,
         eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed, precision=precision,
     )
@@ -55,7 +59,7 @@ def heal_command(
     before, after = result["before"], result["after"]
     quality = next(key for key in before if key not in ("tokens", "rel_error"))
     console.print(_summary_table(f"healed {moe_dir}", {
-        "trained": train, "tokens": result["tokens"], "steps": result["steps"],
+        "trained": train, "data": data, "tokens": result["tokens"], "steps": result["steps"],
         **({"resumed from tokens": result["resumed_from"]} if result["resumed_from"] else {}),
         f"{quality} before → after": f"{before[quality]:.4f} → {after[quality]:.4f}",
         "rel_error before → after": f"{before['rel_error']:.4f} → {after['rel_error']:.4f}",

@@ -100,7 +100,7 @@ def test_cli_routers_only_leaves_experts_identical_and_logs_curves(moe_dir, trai
 
     client = mlflow.tracking.MlflowClient(resolve_tracking_uri())
     run = client.search_runs([client.get_experiment_by_name("heal").experiment_id], order_by=["attributes.start_time DESC"])[0]
-    assert run.data.params["train"] == "routers" and run.data.params["method"] == "kmeans"
+    assert run.data.params["train"] == "routers" and run.data.params["method"] == "kmeans" and run.data.params["data"] == "text"
     curve = client.get_metric_history(run.info.run_id, "ppl_ratio")
     assert [m.step for m in curve] == [0, 384, 768] and curve[-1].value == pytest.approx(healing["after"]["ppl_ratio"])
     assert len(client.get_metric_history(run.info.run_id, "rel_error")) == 3
@@ -120,6 +120,8 @@ def test_bad_input_exits_2_and_writes_nothing(moe_dir, trained_lm, tiny_models, 
         (["--teacher", str(trained_lm), "--out", str(tmp_path / "taken")], "already exists"),
         (["--teacher", str(trained_lm), "--out", str(tmp_path / "out"), "--resume"], "no interrupted healing run"),
         (["--teacher", str(trained_lm), "--out", str(tmp_path / "out"), "--train", "everything"], "--train must be one of"),
+        (["--teacher", str(trained_lm), "--out", str(tmp_path / "out"), "--data", "web"], "--data must be one of"),
+        (["--teacher", str(trained_lm), "--out", str(tmp_path / "out"), "--data", "generated", "--pool-tokens", "64"], "less than one batch"),
     ]
     for extra, expected in cases:
         result = runner.invoke(app, [*base, *extra])
@@ -155,6 +157,45 @@ def test_interrupted_run_resumes_where_it_stopped(moe_dir, trained_lm, corpus, t
     assert [h["tokens"] for h in result["history"]] == [0, 256, 512, 768]  # the points before the cut come back with the checkpoint
     assert result["after"]["ppl_ratio"] < result["before"]["ppl_ratio"]
     assert not work_folder(out).exists() and len(moe_modules(load(out))) == 2
+
+
+def test_heals_on_windows_the_teacher_writes_and_resumes_on_the_same_pool(moe_dir, trained_lm, corpus, tmp_path, monkeypatch):
+    """--data generated: the teacher writes the training windows (no corpus text is trained on), the pool is
+    kept in the work folder and a resumed run trains on that very tensor instead of sampling again."""
+    import metanet.heal.data as heal_data
+    from metanet.heal.data import HealData, read_pool
+    from metanet.heal.heal import POOL_FILE
+
+    settings = HealSettings(**{**SETTINGS.as_dict(), "data": "generated", "pool_tokens": 512})  # 16 windows, cycled over 6 steps
+    out = tmp_path / "healed"
+    step, trained_on = HealModule.training_step, []
+
+    def fails_at_step_4(self, batch, batch_idx):
+        if self.global_step == 4:
+            raise RuntimeError("power cut")
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(heal_data, "pack_windows", lambda *args: pytest.fail("--data generated tokenised the corpus for training"))
+    loader = HealData.train_dataloader
+    monkeypatch.setattr(HealData, "train_dataloader", lambda self, b: trained_on.append(self.train_ids) or loader(self, b))
+    monkeypatch.setattr(HealModule, "training_step", fails_at_step_4)
+    with pytest.raises(RuntimeError, match="power cut"):
+        heal(moe_dir, trained_lm, out, settings, corpus=corpus)
+    monkeypatch.setattr(HealModule, "training_step", step)
+
+    pool, meta = read_pool(work_folder(out) / POOL_FILE)
+    assert pool.shape == (16, 32) and torch.equal(trained_on[-1], pool) and meta["seed"] == 0
+    with pytest.raises(MetanetError, match="other data"):
+        heal(moe_dir, trained_lm, out, SETTINGS, corpus=corpus, resume=True)
+    monkeypatch.setattr(heal_data, "generated_windows", lambda *args, **kwargs: pytest.fail("the resumed run sampled a new pool"))
+    result = heal(moe_dir, trained_lm, out, settings, corpus=corpus, resume=True)
+
+    assert torch.equal(trained_on[-1], pool)  # the resumed run trained on the stored tensor
+    assert result["resumed_from"] == 4 * 128 and result["tokens"] == 768
+    assert result["after"]["ppl_ratio"] < result["before"]["ppl_ratio"] - 0.02 and result["after"]["rel_error"] < result["before"]["rel_error"]
+    healing = json.loads((out / "config.json").read_text())["moe"]["healing"]
+    assert healing["data"] == "generated" and healing["pool_tokens"] == 512 and healing["settings"]["data"] == "generated"
+    assert not work_folder(out).exists()
 
 
 def test_router_surrogate_is_zero_and_gives_the_router_a_gradient():

@@ -4,7 +4,11 @@ Every input is checked before anything is written (the MoE folder, the teacher a
 FFN fingerprints, the destination, the corpus, the settings). The run then lives in a work
 folder beside the output, `.{out name}.heal/`:
 
-    heal.json   what the run was started with (MoE folder, teacher, corpus, settings, MLflow run id)
+    heal.json   what the run was started with (MoE folder, teacher, corpus, settings — the data
+                source among them —, MLflow run id)
+    pool.safetensors  data "generated": the windows the teacher wrote at the start (a resumed run
+                trains on the same ones; a fresh run reuses them when written for the same teacher,
+                seed, window length and size)
     last.ckpt   the Lightning resume point: trainable tensors, optimizer, step, tokens seen, history
 
 A run stopped for any reason (Ctrl-C, a crash, a full disk) keeps its work folder and
@@ -27,6 +31,7 @@ log = logging.getLogger(__name__)
 
 RECORD_FILE = "heal.json"
 RESUME_FILE = "last.ckpt"
+POOL_FILE = "pool.safetensors"
 #: Settings a resumed run may change: the token budget (to heal further) and how often it evaluates or saves.
 RESUMABLE_CHANGES = ("tokens", "eval_every", "checkpoint_every")
 
@@ -63,11 +68,14 @@ def heal(
     """Heal the MoE checkpoint `moe_dir` toward the dense checkpoint `teacher` and write the result to `out`.
 
     Trains `settings.train` (routers, or routers and experts) for `settings.tokens` tokens of the
-    calibration split of `corpus` (default: the Shakespeare plays), with the loss of
-    `metanet.heal.distill`; everything else stays bit-identical. Logged to MLflow (experiment
+    calibration split of `corpus` (default: the Shakespeare plays; `settings.data` "text") or of
+    windows the teacher writes itself ("generated": a pool of `settings.pool_size` tokens sampled
+    once at the start, see `metanet.heal.data`), with the loss of `metanet.heal.distill`; everything
+    else stays bit-identical. Held-out metrics are always on the corpus's held-out split. Logged to MLflow (experiment
     "heal", tracking URI from `metanet.tracking.resolve_tracking_uri`). `out` must not exist.
-    `resume=True` continues the run whose work folder is beside `out`. `progress` shows Lightning's
-    rich progress bar (tokens/s, loss, current ppl_ratio or embedding_cosine) on stderr.
+    `resume=True` continues the run whose work folder is beside `out`. `progress` shows rich progress
+    bars on stderr: the pool being written, then Lightning's (tokens/s, loss, current ppl_ratio or
+    embedding_cosine).
 
     Returns {"out", "run_id" (MLflow), "tokens", "steps", "seconds", "resumed_from", "before", "after", "history"}:
     before/after/history entries are {"tokens", "ppl_ratio" | "embedding_cosine", "rel_error"} on held-out text.
@@ -96,15 +104,19 @@ def heal(
     check_teacher(teacher_ckpt, moe, moe_dir)
     docs = load_corpus(corpus)
     teacher_model, tokenizer = load_model_and_tokenizer(teacher_ckpt)
-    data = HealData(tokenizer, docs, settings.seq_len, settings.eval_tokens, settings.seed)
-    loader = data.train_dataloader(settings.batch_size)
+    data = HealData(tokenizer, docs, settings.seq_len, settings.eval_tokens, settings.seed, source=settings.data)
+    if data.train_ids is not None:
+        data.train_dataloader(settings.batch_size)  # a corpus too small for one batch fails here, before anything is written
     student = load(moe_dir)
     module = HealModule(student, teacher_model, teacher_ckpt.family.name, settings, data.heldout_ids)
 
     # Everything checked: from here on the run writes its work folder, MLflow run and output.
     if not resume:
-        shutil.rmtree(work, ignore_errors=True)  # a run that stopped before its first resume point left nothing to resume
+        _clear_work(work)  # a run that stopped before its first resume point left nothing to resume (but its pool)
     work.mkdir(parents=True, exist_ok=True)
+    if settings.data == "generated":
+        data.train_ids = _sample_pool(teacher_model, teacher_ckpt.family.name, settings, work / POOL_FILE, moe, resume, progress)
+    loader = data.train_dataloader(settings.batch_size)
     uri = resolve_tracking_uri(tracking_uri)
     experiment, tags = run_context("heal", uri)
     logger = MLFlowLogger(experiment_name=experiment, run_name=f"{moe.get('method')}-{moe.get('router')}-{settings.train}",
@@ -133,7 +145,8 @@ def heal(
 
     history = module.history
     healing = {
-        "from": str(moe_dir), "teacher": str(teacher), "corpus": record["corpus"], "tokens": module.tokens_seen,
+        "from": str(moe_dir), "teacher": str(teacher), "corpus": record["corpus"], "data": settings.data,
+        **({"pool_tokens": data.train_ids.numel()} if settings.data == "generated" else {}), "tokens": module.tokens_seen,
         "before": history[0], "after": history[-1], "settings": settings.as_dict(),
     }
     save_healed(student.cpu(), moe_dir, out, healing)
@@ -144,6 +157,38 @@ def heal(
         "out": str(out), "run_id": logger.run_id, "tokens": module.tokens_seen, "steps": trainer.global_step, "seconds": round(time.perf_counter() - start, 2),
         "resumed_from": module.resumed_from, "before": history[0], "after": history[-1], "history": history,
     }
+
+
+def _clear_work(work: Path) -> None:
+    """Empty the work folder of a run that is started afresh, but for a generated pool (`_sample_pool` decides whether it fits)."""
+    if work.is_dir():
+        for path in work.iterdir():
+            if path.name != POOL_FILE:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _sample_pool(teacher, family: str, settings: HealSettings, path: Path, moe: dict, resume: bool, progress: bool):
+    """The generated training windows of this run: read back from `path` (a resumed run's, whatever its size,
+    or a matching one a fresh run left before its first resume point), else sampled by the teacher on the
+    device training will use, with a progress bar on stderr when `progress`."""
+    import hashlib
+
+    import torch
+
+    from metanet.heal.data import generated_pool
+
+    identity = {"family": family, "teacher": hashlib.sha256(json.dumps(moe.get("fingerprints")).encode()).hexdigest()[:16]}
+    teacher.to("cuda" if torch.cuda.is_available() else "cpu")  # where Lightning will train (accelerator "auto")
+    args = (teacher, family, settings.pool_size, settings.seq_len, settings.seed, path, identity, resume)
+    if not progress:
+        return generated_pool(*args)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("teacher writing training tokens", total=None)
+        return generated_pool(*args, progress=lambda done, total: bar.update(task, completed=done, total=total))
 
 
 def _check_work(work: Path, resume: bool, record: dict) -> str | None:
@@ -157,7 +202,8 @@ def _check_work(work: Path, resume: bool, record: dict) -> str | None:
         raise MetanetError(f"--resume: no interrupted healing run for this --out (no {work / RESUME_FILE})")
     saved = json.loads((work / RECORD_FILE).read_text())
     changed = [key for key in ("moe_dir", "teacher", "corpus") if saved.get(key) != record[key]]
-    changed += [key for key, value in record["settings"].items() if key not in RESUMABLE_CHANGES and saved["settings"].get(key) != value]
+    ignored = (*RESUMABLE_CHANGES, *(("pool_tokens",) if record["settings"]["data"] == "text" else ()))  # text: no pool
+    changed += [key for key, value in record["settings"].items() if key not in ignored and saved["settings"].get(key, getattr(HealSettings(), key)) != value]
     if changed:
         raise MetanetError(f"--resume: the interrupted run in {work} was started with other {', '.join(changed)}; use the same inputs and settings")
     return saved.get("run_id")
