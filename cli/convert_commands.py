@@ -148,6 +148,9 @@ def plan(
     corpus: Optional[str] = typer.Option(None, "--corpus", help=CORPUS_HELP),
     calibration: Optional[str] = typer.Option(None, "--calibration", help=CALIBRATION_HELP),
     tokens: int = typer.Option(4096, "--tokens", help="Calibration tokens sensitivity is measured on (windows drawn with seed 1, never the held-out text)."),
+    refine: Optional[bool] = refine_option(None),
+    compensate: Optional[bool] = compensate_option(None),
+    ridge: Optional[float] = ridge_option(),
     actives: Optional[str] = typer.Option(None, "--actives", help="Comma-separated active counts k to measure every block at (default: E/8, E/4, E/2, 3E/4)."),
     out: Path = typer.Option(Path("plan.json"), "--out", "-o", help="Plan file to write; pareto.png goes beside it.", dir_okay=False),
     device: str = typer.Option("auto", "--device", help="Where the model runs: auto | cpu | cuda."),
@@ -174,7 +177,8 @@ def plan(
         raise MetanetError(f"--tokens must be ≥ 1, got {tokens}")
     resolve_device(device)
     ckpt = open_checkpoint(checkpoint)
-    settings, counts = plan_settings(ckpt, experts=experts, shared=shared, actives=counts, router=router, calibration=calibration, seed=seed)
+    settings, counts = plan_settings(ckpt, experts=experts, shared=shared, actives=counts, router=router, calibration=calibration, seed=seed,
+                                     refine=refine, compensate=compensate, ridge=ridge)  # carve each block as convert will
     method_list = [m for m in methods.split(",") if m] if methods is not None else [settings.method]
     check_plan_request(ckpt, settings, method_list, counts, active_fraction, max_ppl_ratio)
     net = _metanetwork(method_list, settings.router, model, tracking_uri)
@@ -191,7 +195,7 @@ def plan(
         chosen = result.plan
         path = chosen.save(out)
         pareto = plot_pareto(result.curves, result.uniform, out.with_name("pareto.png"), (chosen.active_fraction, chosen.predicted_ppl_ratio),
-                             f"{ckpt.path.name}: E={point.experts}, sensitivity on {tokens} {settings.calibration} tokens")
+                             f"{Path(checkpoint).name}: E={point.experts}, {tokens} {settings.calibration} tokens")
         for method, method_plan in result.plans.items():
             log_metrics({"predicted_ppl_ratio": method_plan.predicted_ppl_ratio, "active_fraction": method_plan.active_fraction},
                         prefix="" if method_plan is chosen else f"{method}.")

@@ -153,7 +153,7 @@ def test_the_plan_is_the_brute_force_optimum_under_its_budget(seed):
 def test_plan_command_writes_plan_json_and_pareto_png_and_the_plan_converts(trained_lm, tmp_path):
     out = tmp_path / "plans" / "plan.json"
     result = invoke("plan", trained_lm, "--active-fraction", "0.5", "--methods", "kmeans,random", "--router", "centroid",
-                    "--tokens", "256", "--actives", "4,12", "--calibration", "text", "--out", out, "--device", "cpu")
+                    "--tokens", "256", "--actives", "4,12", "--calibration", "text", "--no-refine", "--out", out, "--device", "cpu")
     plan = Plan.load(out)
     assert (plan.experts, plan.method, plan.router, len(plan.active)) == (16, "kmeans", "centroid", 2)
     assert plan.active_fraction <= 0.5 and plan.sensitivity.actives == [4, 12] and plan.sensitivity.tokens == 256
