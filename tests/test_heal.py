@@ -198,6 +198,40 @@ def test_heals_on_windows_the_teacher_writes_and_resumes_on_the_same_pool(moe_di
     assert not work_folder(out).exists()
 
 
+def test_heals_a_compensated_per_block_planned_checkpoint(trained_lm, corpus, tmp_path):
+    """The library pipeline's output (cmoe/lsq, sequential, refined, compensated down projections with b_out stored as
+    moe.output_bias; k = 2 and 6 of 16 per block): b_out is trained with the experts, and the healed folder loads with
+    each block's own point and the output bias."""
+    from metanet.calib import load_corpus, load_model_and_tokenizer
+    from metanet.conversion.pipeline import ConversionSettings, convert_checkpoint
+    from metanet.moe.checkpoint import read_config
+
+    checkpoint = open_checkpoint(trained_lm)
+    model, tokenizer = load_model_and_tokenizer(checkpoint)
+    plan = [OperatingPoint(16, 2), OperatingPoint(16, 6)]
+    settings = ConversionSettings(point=OperatingPoint(16, 4), plan=plan, calib_tokens=1024)
+    partition = convert_checkpoint(checkpoint, settings, model, tokenizer, load_corpus(corpus))
+    assert partition.compensated and partition.planned
+    source = tmp_path / "moe"
+    apply(checkpoint, partition, source)
+    assert read_config(source)[1]["output_bias"]
+
+    # lr 1e-3: the least-squares start is close to a local optimum, and SETTINGS' 3e-3 without warmup first knocks it off
+    # (ppl_ratio 1.195 → 1.22 after 3 steps, below the start only after 12), where the kmeans start gains from any step.
+    result = heal(source, trained_lm, tmp_path / "healed", HealSettings(**{**SETTINGS.as_dict(), "lr": 1e-3}), corpus=corpus)
+
+    # rel_error (on the *teacher's* FFN inputs) is not asserted: it rises here (0.25 → 0.28), since the sequential,
+    # compensated blocks and the healing loss both fit each block to the inputs the converted model gives it.
+    assert result["after"]["ppl_ratio"] < result["before"]["ppl_ratio"] - 0.02
+    _, section = read_config(tmp_path / "healed")
+    assert [row["active"] for row in section["layers"]] == [2, 6] and section["output_bias"] and section["healing"]["tokens"] == 768
+    before, after = moe_modules(load(source)), moe_modules(load(tmp_path / "healed"))
+    assert [m.point for m in after] == [OperatingPoint(16, 2), OperatingPoint(16, 6)]
+    for old, new in zip(before, after):
+        assert old.b_out is not None and not torch.equal(old.b_out, new.b_out)  # the compensated output bias is healed too
+        assert not torch.equal(old.w_out, new.w_out) and not torch.equal(old.router_weight, new.router_weight)
+
+
 def test_router_surrogate_is_zero_and_gives_the_router_a_gradient():
     torch.manual_seed(0)
     point = OperatingPoint(4, 3, 1, width_multiple=1)  # 1 shared + 2 of 3 routed
