@@ -32,8 +32,9 @@ from metanet.partition.partition import OperatingPoint
 
 log = logging.getLogger(__name__)
 
-#: Alternations at most; a layer of SmolLM2 settles after 5–15.
-REFINE_ITERATIONS = 20
+#: Alternations at most. On SmolLM2 most of the gain comes in the first few (held-out rel_error of a block
+#: 0.3187 after 5, 0.3128 after 20) while each costs one balanced assignment (about 1 s at f = 1536).
+REFINE_ITERATIONS = 8
 
 
 def neuron_energy(layer: FFNLayer, x: torch.Tensor) -> torch.Tensor:
