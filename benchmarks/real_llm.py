@@ -43,6 +43,7 @@ from metanet.checkpoints import open_checkpoint
 from metanet.conversion.pipeline import ConversionSettings, convert_checkpoint
 from metanet.conversion.plan import make_plan
 from metanet.conversion.sensitivity import measure_sensitivity
+from metanet.conversion.workflow import SENSITIVITY_SEED
 from metanet.eval.evaluate import evaluate
 from metanet.eval.model_quality import dense_reference, model_quality
 from metanet.partition import OperatingPoint
@@ -104,8 +105,9 @@ class Bench:
         start = time.perf_counter()
         extra = {}
         if r["technique"] == "plan":
-            windows = calibration_windows(self.model, self.tokenizer, self.family, 4096, self.corpus, r["calibration"], seed=1)
-            sensitivity = measure_sensitivity(self.checkpoint, self.model, windows, settings, [max(r["shared"] + 1, 2), 4, 8, 12])
+            draw = lambda n, seed: calibration_windows(self.model, self.tokenizer, self.family, n, self.corpus, r["calibration"], seed)  # noqa: E731
+            sensitivity = measure_sensitivity(self.checkpoint, self.model, draw(self.calib_tokens, settings.seed), draw(4096, SENSITIVITY_SEED),
+                                              settings, [max(r["shared"] + 1, 2), 4, 8, 12])
             plan = make_plan(sensitivity, active_fraction=r["active"] / r["experts"], method=r["method"], router=r["router"])
             settings.plan = plan.points()
             extra = {"plan": plan.active, "predicted_ppl_ratio": plan.predicted_ppl_ratio,

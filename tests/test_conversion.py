@@ -236,12 +236,12 @@ def test_sensitivity_is_each_blocks_own_loss_and_leaves_the_model_as_it_was(lm):
 
     before = {name: p.clone() for name, p in model.state_dict().items()}
     settings = ConversionSettings(method="kmeans", router="lsq", point=OperatingPoint(16, 8), refine=False)
-    sensitivity = measure_sensitivity(checkpoint, model, calibration[:8], settings, [4, 8, 12])
+    sensitivity = measure_sensitivity(checkpoint, model, calibration[8:], calibration[:8], settings, [4, 8, 12])
     assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())
     assert sensitivity.delta.shape == (2, 3) and bool((sensitivity.delta[:, 0] > sensitivity.delta[:, 2]).all())
     # block 1 alone at k=4, fitted and measured independently, gives the same loss increase
     layer = checkpoint.layer(1)
-    x = capture_ffn_inputs(model, "llama", calibration[:8]).layers[1]
+    x = capture_ffn_inputs(model, "llama", calibration[8:]).layers[1]  # fitted on the other windows
     calib = LayerCalibration(x, neuron_stats(layer, x))
     point = OperatingPoint(16, 4)
     assign = assign_neurons("kmeans", layer, OperatingPoint(16, 12), calib)

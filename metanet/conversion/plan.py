@@ -1,7 +1,8 @@
 """Per-block operating points under one active budget, from measured sensitivity.
 
 With delta[ℓ, k] the NLL increase when block ℓ alone runs k of E experts (metanet.conversion.sensitivity),
-linearly interpolated between the measured k and 0 at k = E, the whole model's loss is modelled as additive,
+linearly interpolated between the measured k and 0 at k = E, and no lower than 0 (a carved block that measures
+better than the dense one did so by chance), the whole model's loss is modelled as additive,
 
     log ppl_ratio(k_0, …, k_{L−1}) ≈ Σ_ℓ delta[ℓ, k_ℓ],
 
@@ -80,11 +81,11 @@ class Plan:
 
 
 def cost_table(sensitivity: Sensitivity) -> torch.Tensor:
-    """delta[ℓ, k] for every k = 0..E: measured values, linear in between, 0 at k = E, +inf below the least measured k.
-    → [L, E + 1] float64"""
+    """delta[ℓ, k] for every k = 0..E: measured values clamped at 0, linear in between, 0 at k = E, +inf below the least
+    measured k.   → [L, E + 1] float64"""
     experts, known = sensitivity.experts, sensitivity.actives + [sensitivity.experts]
     table = torch.full((sensitivity.delta.shape[0], experts + 1), math.inf, dtype=torch.float64)
-    values = torch.cat([sensitivity.delta, torch.zeros(sensitivity.delta.shape[0], 1, dtype=torch.float64)], dim=1)  # [L, |known|]
+    values = torch.cat([sensitivity.delta.clamp(min=0), torch.zeros(sensitivity.delta.shape[0], 1, dtype=torch.float64)], dim=1)  # [L, |known|]
     for (k0, v0), (k1, v1) in zip(zip(known, values.T), zip(known[1:], values.T[1:])):
         for k in range(k0, k1 + 1):
             table[:, k] = v0 + (v1 - v0) * (k - k0) / (k1 - k0)

@@ -2,11 +2,12 @@
 
 For block ℓ and k in `actives`, block ℓ alone is converted at (E, k) as the pipeline would convert
 it (partition, refinement, router and compensation fitted on the dense model's FFN inputs of the
-windows), every other block stays dense, and
+fitting windows), every other block stays dense, and
 
     delta[ℓ, k] = mean NLL(model with block ℓ carved) − mean NLL(dense model)       (nats per token)
 
-on the same windows; exp(delta) is that block's ppl_ratio. The assignment and router do not depend on
+on other windows (measured on the windows it was fitted on, compensation would fit them almost
+exactly and hide the loss); exp(delta) is that block's ppl_ratio. The assignment and router do not depend on
 k for the data-free and calibrated methods' clustering, so they are fitted once per block at the largest
 k below E and only the selection and compensation change with k (refinement, which does depend on k,
 is fitted at that k too). Causal LMs only: an encoder has no perplexity.
@@ -67,13 +68,15 @@ class Sensitivity:
 def measure_sensitivity(
     checkpoint: Checkpoint,
     model,
+    fit_windows: torch.LongTensor,
     windows: torch.LongTensor,
     settings,
     actives: list[int],
     metanetwork=None,
     progress: Callable[[], None] | None = None,
 ) -> Sensitivity:
-    """The Sensitivity of every block of `checkpoint` (module docstring) on `windows` [N, S].
+    """The Sensitivity of every block of `checkpoint` (module docstring): fitted on `fit_windows` [N', S'] (the conversion's
+    calibration windows), measured on `windows` [N, S] (others).
 
     `settings` is a ConversionSettings: its method, router, shared experts, refinement, compensation and
     ridge say how a block is carved (its plan and sequential flag play no part: blocks are carved alone).
@@ -89,7 +92,7 @@ def measure_sensitivity(
     router = resolve_router(settings.method, settings.router)
     net = layer_metanetwork(metanetwork, settings.method, [router])
     dense = dense_reference(model, family, windows).mean().item()
-    walk = BlockWalk(model, family, windows)
+    walk = BlockWalk(model, family, fit_windows)
     blocks = model_blocks(model, family)
     delta = torch.zeros(checkpoint.n_layers, len(actives), dtype=torch.float64)
     fit_point = OperatingPoint(experts, actives[-1], shared, settings.point.width_multiple)

@@ -284,19 +284,23 @@ def plan_blocks(prepared: Prepared, settings: ConversionSettings, methods: list[
                 active_fraction: float | None = None, max_ppl_ratio: float | None = None, metanetwork=None,
                 progress: Progress | None = None) -> PlanResult:
     """Measure every block's sensitivity with each method (settings' router, shared experts, refinement, compensation and
-    ridge) on `tokens` calibration tokens of settings.calibration drawn with SENSITIVITY_SEED, and plan each under the budget
+    ridge), fitted on the conversion's own calibration windows (settings.calib_tokens of settings.calibration, settings.seed)
+    and measured on `tokens` other calibration tokens drawn with SENSITIVITY_SEED, and plan each under the budget
     (exactly one of `active_fraction`, `max_ppl_ratio`)."""
     check_plan_request(prepared.checkpoint, settings, methods, actives, active_fraction, max_ppl_ratio)
+    if settings.seed == SENSITIVITY_SEED:
+        raise MetanetError(f"--seed {SENSITIVITY_SEED} draws the windows sensitivity is measured on; choose another seed")
     step = progress or (lambda description, total: lambda: None)
     advance = step(f"{settings.calibration} windows for sensitivity", None)
-    windows = calibration_windows(prepared.model, prepared.tokenizer, prepared.family, tokens, prepared.corpus, settings.calibration,
-                                  SENSITIVITY_SEED, progress=lambda n=1: advance())
+    draw = lambda n, seed: calibration_windows(prepared.model, prepared.tokenizer, prepared.family, n, prepared.corpus,  # noqa: E731
+                                               settings.calibration, seed, progress=lambda n=1: advance())
+    fit_windows, windows = draw(settings.calib_tokens, settings.seed), draw(tokens, SENSITIVITY_SEED)
     point = OperatingPoint(settings.point.experts, max(actives), settings.point.shared, settings.point.width_multiple)
     result = PlanResult({}, {})
     for method in methods:
         method_settings = dataclasses.replace(settings, method=method, point=point, plan=None)
         router = resolve_router(method, settings.router)
-        sensitivity = measure_sensitivity(prepared.checkpoint, prepared.model, windows, method_settings, actives, metanetwork,
+        sensitivity = measure_sensitivity(prepared.checkpoint, prepared.model, fit_windows, windows, method_settings, actives, metanetwork,
                                           progress=step(f"sensitivity of {method}/{router}: every block at k={','.join(map(str, sorted(set(actives))))}",
                                                         prepared.checkpoint.n_layers))
         result.sensitivities[method] = sensitivity
