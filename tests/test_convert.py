@@ -218,6 +218,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tiny_models, minilm_pa
     out = tmp_path / "moe"
     three_blocks = tmp_path / "three.json"
     Plan(16, 0, [4, 8, 12], 1.2, "cmoe", "lsq").save(three_blocks)
+    foreign = tmp_path / "foreign.json"  # two blocks, like the llama, but measured on other weights
+    Plan(11, 0, [4, 8], 1.2, "cmoe", "lsq", Sensitivity(11, 0, [4], torch.zeros(2, 1, dtype=torch.float64), 3.0, 512, ["a", "b"])).save(foreign)
     broken = tmp_path / "broken.json"
     broken.write_text('{"format": 1, "experts": 16')
     cases = [
@@ -225,6 +227,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tiny_models, minilm_pa
         (["convert", llama, "--active-fraction", "0.05", "-E", "11", "-s", "1"], "nearest valid fractions: 0.181818 (k=2)"),
         (["convert", llama, "--plan", three_blocks], "the plan has 3 blocks and this checkpoint 2"),
         (["convert", llama, "--plan", broken], "not a plan written by `metanet plan`"),
+        (["convert", llama, "--plan", foreign], "the plan was measured on another checkpoint"),
         (["convert", llama, "--plan", tmp_path / "none.json"], "no such plan file"),
         (["convert", llama, "--dtype", "int8"], "--dtype must be one of"),
         (["convert", llama, "-E", "11", "--active-fraction", "1", "--method", "spectral"], "unknown partition method 'spectral'"),

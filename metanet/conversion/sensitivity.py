@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -50,6 +50,7 @@ class Sensitivity:
     delta: torch.Tensor  # [L, len(actives)] float64
     dense_nll: float  # mean NLL of the dense model on the windows
     tokens: int  # tokens the NLLs were measured on
+    fingerprints: list[str] = field(default_factory=list)  # FFNLayer.fingerprint() of each block measured: the checkpoint it belongs to
 
     def ppl_ratio(self) -> torch.Tensor:
         """exp(delta): each block's ppl_ratio when it alone is carved.   → [L, len(actives)]"""
@@ -57,12 +58,12 @@ class Sensitivity:
 
     def as_dict(self) -> dict:
         return {"experts": self.experts, "shared": self.shared, "actives": self.actives, "delta": self.delta.tolist(),
-                "dense_nll": self.dense_nll, "tokens": self.tokens}
+                "dense_nll": self.dense_nll, "tokens": self.tokens, "fingerprints": self.fingerprints}
 
     @classmethod
     def from_dict(cls, data: dict) -> Sensitivity:
         return cls(data["experts"], data["shared"], list(data["actives"]), torch.tensor(data["delta"], dtype=torch.float64),
-                   data["dense_nll"], data["tokens"])
+                   data["dense_nll"], data["tokens"], list(data.get("fingerprints", [])))
 
 
 def measure_sensitivity(
@@ -96,8 +97,10 @@ def measure_sensitivity(
     blocks = model_blocks(model, family)
     delta = torch.zeros(checkpoint.n_layers, len(actives), dtype=torch.float64)
     fit_point = OperatingPoint(experts, actives[-1], shared, settings.point.width_multiple)
+    fingerprints = []
     for layer in checkpoint.layers():
         i = layer.index
+        fingerprints.append(layer.fingerprint())
         x = walk.ffn_inputs()  # [T, d] the dense model's
         walk.advance(rerun=False)
         calib = LayerCalibration(x, neuron_stats(layer, x))
@@ -119,4 +122,4 @@ def measure_sensitivity(
         log.info("block %d: ppl_ratio alone %s", i, ", ".join(f"k={k}: {math.exp(v):.3f}" for k, v in zip(actives, delta[i].tolist())))
         if progress:
             progress()
-    return Sensitivity(experts, shared, actives, delta, dense, windows.numel())
+    return Sensitivity(experts, shared, actives, delta, dense, windows.numel(), fingerprints)

@@ -125,6 +125,9 @@ def _check_plan(plan: Plan, checkpoint: Checkpoint, active_fraction, active, exp
     if len(plan.active) != checkpoint.n_layers:
         raise MetanetError(f"the plan has {len(plan.active)} blocks and this checkpoint {checkpoint.n_layers}: "
                            "it was made for another model; make one for this checkpoint with `metanet plan`")
+    measured = plan.sensitivity.fingerprints if plan.sensitivity else []
+    if measured and measured != [layer.fingerprint() for layer in checkpoint.layers()]:
+        raise MetanetError("the plan was measured on another checkpoint (its blocks' weights differ); make one for this checkpoint with `metanet plan`")
     conflicts = [
         f"{name} {given:g} (the plan's: {own:g})"
         for name, given, own in (("--experts", experts, plan.experts), ("--shared", shared, plan.shared),
