@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 ROUTER_ATTRS = ("router_weight", "router_bias")
 LOG_EVERY = 10  # optimizer steps between training-loss points in MLflow
 EVAL_CHUNK = 4096  # held-out tokens per MoEFFN call when measuring rel_error
+#: Families whose `ffn_input_modules` module is the whole FFN (its output is the FFNLayer's output, b_out included):
+#: the teacher's FFN outputs are taken from its forward pass instead of computed a second time.
+WHOLE_FFN_MODULE = ("gpt2", "gpt_neox", "llama")
 
 
 # -- the pieces of the loss ---------------------------------------------------------------------
@@ -206,9 +209,16 @@ class HealModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         ids = batch[0]  # [B, S]
         teacher_x: list[torch.Tensor] = []
-        with torch.no_grad(), _hooked(self.teacher_inputs, lambda module, args: teacher_x.append(args[0]), pre=True):
+        teacher_y: list[torch.Tensor] = []
+
+        def teacher_hook(module, args, output) -> None:  # returns None: the output stays as it is
+            teacher_x.append(args[0])
+            teacher_y.append(output)
+
+        with torch.no_grad(), _hooked(self.teacher_inputs, teacher_hook):
             teacher_out = self._output(self.teacher, ids)
-            teacher_y = [layer.forward(x) for layer, x in zip(self.teacher_layers, teacher_x)]  # each [B, S, d]
+            if self.family not in WHOLE_FFN_MODULE:  # the hooked module is part of the FFN: compute the whole FFN's output
+                teacher_y = [layer.forward(x) for layer, x in zip(self.teacher_layers, teacher_x)]  # each [B, S, d]
 
         student_y: list[torch.Tensor] = []
         scores: list[torch.Tensor] = []
