@@ -148,6 +148,7 @@ def plan(
     corpus: Optional[str] = typer.Option(None, "--corpus", help=CORPUS_HELP),
     calibration: Optional[str] = typer.Option(None, "--calibration", help=CALIBRATION_HELP),
     tokens: int = typer.Option(4096, "--tokens", help="Calibration tokens sensitivity is measured on (windows drawn with seed 1, never the held-out text)."),
+    calib_tokens: Optional[int] = typer.Option(None, "--calib-tokens", help=f"Calibration tokens each block is fitted on, as convert's {LIBRARY}."),
     refine: Optional[bool] = refine_option(None),
     compensate: Optional[bool] = compensate_option(None),
     ridge: Optional[float] = ridge_option(),
@@ -178,7 +179,7 @@ def plan(
     resolve_device(device)
     ckpt = open_checkpoint(checkpoint)
     settings, counts = plan_settings(ckpt, experts=experts, shared=shared, actives=counts, router=router, calibration=calibration, seed=seed,
-                                     refine=refine, compensate=compensate, ridge=ridge)  # carve each block as convert will
+                                     calib_tokens=calib_tokens, refine=refine, compensate=compensate, ridge=ridge)  # carve each block as convert will
     method_list = [m for m in methods.split(",") if m] if methods is not None else [settings.method]
     check_plan_request(ckpt, settings, method_list, counts, active_fraction, max_ppl_ratio)
     net = _metanetwork(method_list, settings.router, model, tracking_uri)

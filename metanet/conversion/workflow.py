@@ -7,9 +7,10 @@
 convert_to_moe   the pipeline's Partition (`convert_checkpoint`), the MoE checkpoint folder written from it
                  (`metanet.moe.checkpoint.apply`), then that folder loaded back and run on the held-out windows:
                  the quality reported is the written checkpoint's (its dtype included), next to the dense model's.
-plan_blocks      per-block sensitivity for one or more methods (`measure_sensitivity`) on calibration windows
-                 drawn with seed 1 (never the held-out text), the plan of each under a budget (`make_plan`),
-                 and the modelled trade-off curves (`pareto_curve`, `uniform_points`).
+plan_blocks      per-block sensitivity for one or more methods (`measure_sensitivity`), fitted on the conversion's
+                 calibration windows and measured on other calibration windows drawn with seed 1 (never the
+                 held-out text), the plan of each under a budget (`make_plan`), and the modelled trade-off
+                 curves (`pareto_curve`, `uniform_points`).
 
 Held-out windows are those `eval` and `compare` measure on: the corpus's held-out documents
 (`metanet.calib.split_documents`, seed 0), which no calibration window comes from.
