@@ -1,0 +1,319 @@
+"""Export a carved MoE of a llama-family checkpoint as a transformers-native GLM-4-MoE folder.
+
+`metanet apply --format transformers` writes this: a folder that loads with plain
+`AutoModelForCausalLM.from_pretrained(folder)` (class `Glm4MoeForCausalLM`, model_type
+`glm4_moe`; no trust_remote_code, no metanet import) and that the engines serving GLM-4.5
+(vLLM, SGLang) can read, because the tensors use the hub's per-expert names.
+
+Why GLM-4-MoE. With `attention_bias`, `use_qk_norm` and `partial_rotary_factor = 1` set from
+the source, its attention, RMSNorms, rotary embedding (rotate-half, any rope type) and tied
+embeddings are the llama family's, tensor name for tensor name (Qwen2's q/k/v biases:
+attention_bias; Qwen3's per-head q/k norms: use_qk_norm). Its MoE block is
+
+    y(x) = Σ_{e∈T(x)} w_e(x) · y_e(x) + shared(x)
+    T(x) = top_{k_r} over routed e of  σ(x·Wg_e) + β_e            (β: e_score_correction_bias, selection only)
+    w_e(x) = ρ · σ(x·Wg_e) / Σ_{j∈T(x)} σ(x·Wg_j)                  (norm_topk_prob, ρ: routed_scaling_factor)
+
+with an ungated, always-on shared MLP and SwiGLU experts. metanet's carved block is
+(metanet.moe.module)
+
+    y(x) = Σ_{e<s} y_e(x) + Σ_{e∈S(x)} y_e(x),   S(x) = top_{k−s} over routed e of  x·W_r[e] + b_r[e]
+
+and maps onto it as follows (E experts, s shared, k active, m = f/E):
+
+    shared experts 0..s−1      → shared_experts.{gate,up,down}_proj, their neurons side by side (width s·m): exact
+    routed expert e ≥ s        → experts.{e−s}.{gate,up,down}_proj (gate = w_in, up = w_gate, down = w_out): exact
+    router weight W_r[e]       → gate.weight[e−s] = c · W_r[e]           (float32; c a power of two: exact)
+    router bias b_r[e]         → gate.e_score_correction_bias[e−s] = c/4 · b_r[e]
+    n_routed_experts, num_experts_per_tok, n_shared_experts, moe_intermediate_size = E−s, k−s, s, m
+    routed_scaling_factor ρ    = k−s;  norm_topk_prob = true;  n_group = topk_group = 1
+
+Since σ(z) = 1/2 + z/4 − z³/48 + …, the selection key is 1/2 + c/4·(x·W_r[e] + b_r[e]) + O(c³): the
+order of metanet's scores; the weights are w_e = 1 + (z_e − mean_T z)/2 + O(z²) instead of 1, z = c·x·W_r[e].
+Each block's c (`router_scale`) brings its score range R to about 2^ROUTER_RANGE_LOG2 = 2⁻¹⁰, which
+trades the two float32 effects that remain: the weights' relative deviation (~2⁻¹¹) and the rounding of
+the keys near 1/2 (spacing 2⁻²⁴), which can swap two experts whose scores differ by less than about
+2⁻²⁴·4/c ≈ 2⁻¹²·R. The product of the two is fixed by float32 (the weight's variation and the key's
+resolution come from the same σ), so no scale makes both vanish. Of the classes transformers ships with llama's
+attention, none weights its chosen experts by exactly 1 while choosing them by a biased linear score; this is the
+closest. (GraniteMoeShared, top-k on raw logits then a softmax over the chosen, would be exact in transformers under
+a vanishing scale, but it has no router bias and vLLM takes the softmax before the top-k, where that scale ties
+every expert.) Measured
+on the trained test LM (README "Writing the MoE checkpoint"): median per-token logits error ~1e-4 of the
+largest logit, a few tokens up to ~0.1 where a near-tie was swapped, perplexity equal to 0.1%.
+
+Blocks that run every expert (k = E) are dense FFNs; GLM-4-MoE writes the first
+`first_k_dense_replace` blocks as dense MLPs of width `intermediate_size` = f (exact). What it
+cannot express is refused with a one-line MetanetError before anything is written: a dense block
+after a sparse one, sparse blocks with different (E, k, s), an output bias b_out of a
+compensated partition (its MLPs have no biases), families other than the gated llama family
+(BERT, GPT-2, GPT-NeoX, OPT keep the metanet format), llama with attention_bias (o_proj bias)
+and sliding-window attention.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+
+from metanet.atomic import replace_folder
+from metanet.checkpoints import Checkpoint
+from metanet.errors import MetanetError
+from metanet.moe.checkpoint import dense_parts, read_config
+from metanet.moe.module import MoEFFN
+from metanet.partition.partition import OperatingPoint, Partition
+
+log = logging.getLogger(__name__)
+
+MODEL_TYPE = "glm4_moe"
+ARCHITECTURE = "Glm4MoeForCausalLM"
+#: Each block's router is multiplied by the power of two c (exact in binary floating point) that brings its score
+#: range R (see `router_scale`) to about 2^ROUTER_RANGE_LOG2: small enough that the sigmoid weights of the chosen
+#: experts are nearly equal, large enough that float32 keeps most of their order (module docstring; measured best of
+#: 2^-6 … 2^-14 on the trained test LM).
+ROUTER_RANGE_LOG2 = -10
+#: Key of config.json naming what metanet exported (read by `check_destination` to allow replacing an export).
+EXPORT_KEY = "metanet_export"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+# -- what can be exported ---------------------------------------------------------------------
+def check_exportable(checkpoint: Checkpoint, partition: Partition) -> int:
+    """Raise a one-line MetanetError unless GLM-4-MoE can express `partition` of `checkpoint`; return the number of
+    leading dense blocks (blocks that run every expert, written as dense MLPs)."""
+    config = checkpoint.config
+    model_type = config.get("model_type")
+    if checkpoint.family.name != "llama":
+        kind = "an encoder" if checkpoint.family.name == "bert" else f"a non-gated {checkpoint.family.name} FFN"
+        raise MetanetError(f"--format transformers needs a gated llama-family decoder (llama, mistral, qwen2, qwen3); "
+                           f"{checkpoint.path.name} is {kind}: no transformers MoE class matches it, use --format metanet")
+    if model_type in ("llama", "qwen3") and config.get("attention_bias"):
+        raise MetanetError(f"{checkpoint.path.name}: {model_type} with attention_bias=true has an o_proj bias that {ARCHITECTURE} lacks; use --format metanet")
+    window = config.get("sliding_window") if model_type == "mistral" or config.get("use_sliding_window") else None
+    if window is not None and window < config.get("max_position_embeddings", 0):
+        raise MetanetError(f"{checkpoint.path.name}: sliding-window attention (window {window} < {config.get('max_position_embeddings')} positions) "
+                           f"is not in {ARCHITECTURE}; use --format metanet")
+    partition.check_layer_count(checkpoint.n_layers)
+    if partition.compensated and any(lp.b_out is not None and bool(lp.b_out.any()) for lp in partition.layers):
+        raise MetanetError(f"the partition is compensated with an output bias b_out, which {ARCHITECTURE}'s MLPs cannot hold; "
+                           "export a partition converted without compensation or use --format metanet")
+    points = [partition.layer_point(i) for i in range(checkpoint.n_layers)]
+    dense = [p.active == p.experts for p in points]
+    n_dense = dense.index(False) if False in dense else len(dense)
+    for i, point in enumerate(points[n_dense:], start=n_dense):
+        if dense[i]:
+            raise MetanetError(f"block {i} runs every expert but follows sparse block {n_dense}: {ARCHITECTURE} writes dense FFNs "
+                               "only as the first blocks (first_k_dense_replace); use --format metanet")
+        if point != points[n_dense]:
+            raise MetanetError(f"blocks {n_dense} and {i} run different operating points ({_point(points[n_dense])} and {_point(point)}): "
+                               f"{ARCHITECTURE} has one for all sparse blocks; use --format metanet")
+    return n_dense
+
+
+def _point(point: OperatingPoint) -> str:
+    return f"E={point.experts} k={point.active} s={point.shared}"
+
+
+# -- config -------------------------------------------------------------------------------------
+def glm4_moe_config(source_config: dict, point: OperatingPoint | None, expert_width: int, n_dense: int, d_ff: int,
+                    dtype: torch.dtype, info: dict) -> dict:
+    """The Glm4MoeConfig (as a dict) of the exported model: the source's attention, norms, rotary, vocabulary and
+    tied embeddings; `point` and `expert_width` for the sparse blocks (None: every block dense)."""
+    from transformers import CONFIG_MAPPING, Glm4MoeConfig
+
+    source = CONFIG_MAPPING[source_config["model_type"]].from_dict(source_config)  # normalises old rope keys into rope_parameters
+    head_dim = getattr(source, "head_dim", None) or source.hidden_size // source.num_attention_heads
+    rope = {**dict(source.rope_parameters), "partial_rotary_factor": 1.0}
+    routed_experts = point.routed if point else 1
+    routed_active = point.routed_active if point else 1
+    config = Glm4MoeConfig(
+        vocab_size=source.vocab_size, hidden_size=source.hidden_size, intermediate_size=d_ff,
+        num_hidden_layers=source.num_hidden_layers, num_attention_heads=source.num_attention_heads,
+        num_key_value_heads=source.num_key_value_heads, head_dim=head_dim, hidden_act=source.hidden_act,
+        max_position_embeddings=source.max_position_embeddings, initializer_range=source.initializer_range,
+        rms_norm_eps=source.rms_norm_eps, tie_word_embeddings=bool(source.tie_word_embeddings), rope_parameters=rope,
+        attention_bias=source_config["model_type"] == "qwen2" or bool(getattr(source, "attention_bias", False)),
+        use_qk_norm=source_config["model_type"] == "qwen3", attention_dropout=0.0,
+        moe_intermediate_size=expert_width, n_routed_experts=routed_experts, num_experts_per_tok=routed_active,
+        n_shared_experts=point.shared if point else 0, routed_scaling_factor=float(routed_active),
+        norm_topk_prob=True, n_group=1, topk_group=1, first_k_dense_replace=n_dense, num_mtp_layers=0,
+        bos_token_id=source.bos_token_id, eos_token_id=source.eos_token_id, pad_token_id=source.pad_token_id,
+    )
+    config.architectures = [ARCHITECTURE]
+    config.dtype = dtype
+    out = config.to_dict()
+    # Engines read these at the top level (vLLM's GLM-4-MoE: partial_rotary_factor defaults to 0.5, MTP layers to 1).
+    out |= {"partial_rotary_factor": 1.0, "num_nextn_predict_layers": 0, EXPORT_KEY: info}
+    return out
+
+
+# -- tensors ------------------------------------------------------------------------------------
+def router_scale(router_weight: torch.Tensor, router_bias: torch.Tensor, norm_weight: torch.Tensor | None) -> float:
+    """The power of two c for one block's routed experts: R = max_e ‖W_r[e] ⊙ γ‖ + max_e |b_r[e]| bounds the typical
+    score of an input the block's RMSNorm (weight γ) has brought to unit rms, and c = 2^(ROUTER_RANGE_LOG2 − round(log2 R))."""
+    weight = router_weight.double() * (1.0 if norm_weight is None else norm_weight.double())
+    spread = weight.norm(dim=1).max().item() + router_bias.double().abs().max().item()
+    if not spread > 0:
+        return 1.0
+    return 2.0 ** (ROUTER_RANGE_LOG2 - round(math.log2(spread)))
+
+
+def block_tensors(module: MoEFFN, point: OperatingPoint, dense: bool, dtype: torch.dtype, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Block `module.index`'s FFN tensors under their GLM-4-MoE hub names (mapping in the module docstring);
+    `scale` is the block's router scale c (`router_scale`)."""
+    prefix = f"model.layers.{module.index}.mlp."
+    cast = lambda t: t.detach().to(dtype).contiguous()  # noqa: E731
+    if dense:
+        layer = module.to_ffn_layer(original_order=True)
+        return {prefix + "gate_proj.weight": cast(layer.w_in), prefix + "up_proj.weight": cast(layer.w_gate),
+                prefix + "down_proj.weight": cast(layer.w_out)}
+    s, (n_experts, m, d) = point.shared, module.w_in.shape
+    tensors = {
+        prefix + "shared_experts.gate_proj.weight": cast(module.w_in[:s].reshape(s * m, d)),
+        prefix + "shared_experts.up_proj.weight": cast(module.w_gate[:s].reshape(s * m, d)),
+        prefix + "shared_experts.down_proj.weight": cast(module.w_out[:s].permute(1, 0, 2).reshape(d, s * m)),
+        prefix + "gate.weight": (module.router_weight[s:].detach().float() * scale).contiguous(),
+        prefix + "gate.e_score_correction_bias": (module.router_bias[s:].detach().float() * (scale / 4)).contiguous(),
+    }
+    for e in range(s, n_experts):
+        expert = f"{prefix}experts.{e - s}."
+        tensors |= {expert + "gate_proj.weight": cast(module.w_in[e]), expert + "up_proj.weight": cast(module.w_gate[e]),
+                    expert + "down_proj.weight": cast(module.w_out[e])}
+    return tensors
+
+
+# -- writing ------------------------------------------------------------------------------------
+def export_transformers(
+    checkpoint: Checkpoint,
+    partition: Partition,
+    out: str | Path,
+    dtype: torch.dtype | None = None,
+    progress: Callable[[], None] | None = None,
+) -> dict:
+    """Write `partition` of `checkpoint` as a GLM-4-MoE folder `out` that plain transformers loads; returns a summary.
+
+    Refused before anything is written (one-line MetanetError): what `check_exportable` refuses,
+    an `out` that holds the source or is a folder other than an MoE checkpoint or an earlier export.
+    The folder (config.json, model-*.safetensors with an index, one file per block so that one
+    block is in memory at a time, tokenizer and generation files) is built beside `out` under a
+    temporary name, loaded back with `AutoModelForCausalLM.from_pretrained` (every tensor present,
+    none left over, shapes as the config says), and only then renamed to `out`; on any failure nothing
+    is left behind. `dtype` casts every weight but the routers (float32); None keeps the source's.
+    """
+    start = time.perf_counter()
+    out = Path(out)
+    source_folder = checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent
+    n_dense = check_exportable(checkpoint, partition)
+    check_destination(out, source_folder)
+    points = [partition.layer_point(i) for i in range(checkpoint.n_layers)]
+    sparse_point = points[n_dense] if n_dense < checkpoint.n_layers else None
+    expert_width = sparse_point.expert_width(checkpoint.d_ff) if sparse_point else partition.expert_width
+    parts = dense_parts(checkpoint)
+    first_w_in = checkpoint.tensor_names(0)["w_in"]
+    dtype = dtype or checkpoint.source.read([first_w_in])[first_w_in].dtype
+    info = {"source": checkpoint.path.name, "source_model_type": checkpoint.config.get("model_type"), "method": partition.method,
+            "router": partition.router, "dense_blocks": n_dense,
+            "experts": sparse_point.experts if sparse_point else None, "active": sparse_point.active if sparse_point else None,
+            "shared": sparse_point.shared if sparse_point else None}
+    config = glm4_moe_config(parts.config, sparse_point, expert_width, n_dense, checkpoint.d_ff, dtype, info)
+    tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise MetanetError(f"cannot write {out}: {exc.strerror or exc}") from None
+    try:
+        n_tensors = _write(tmp, checkpoint, partition, parts, config, points, n_dense, dtype, progress)
+        written = time.perf_counter()
+        verify(tmp)
+        verified = time.perf_counter()
+        size = sum(path.stat().st_size for path in tmp.iterdir())
+        replace_folder(tmp, out)
+    except OSError as exc:
+        raise MetanetError(f"cannot write {out}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("wrote and verified the %s folder %s (%d blocks, %d dense, %.1f MB)", ARCHITECTURE, out, checkpoint.n_layers, n_dense, size / 1e6)
+    return {
+        "out": str(out), "architecture": ARCHITECTURE, "n_layers": checkpoint.n_layers, "dense_blocks": n_dense,
+        "experts": info["experts"], "active": info["active"], "shared": info["shared"], "expert_width": expert_width,
+        "dtype": str(dtype).removeprefix("torch."), "tensors": n_tensors, "size_mb": round(size / 1e6, 3),
+        "write_s": round(written - start, 3), "verify_s": round(verified - written, 3),
+    }
+
+
+def _write(tmp: Path, checkpoint: Checkpoint, partition: Partition, parts, config: dict, points: list[OperatingPoint],
+           n_dense: int, dtype: torch.dtype, progress: Callable[[], None] | None) -> int:
+    """Tokenizer files, one safetensors file for the non-FFN tensors and one per block, the index, and config.json
+    (last: it records each block's router scale)."""
+    parts.write_files(tmp)
+    n_files = checkpoint.n_layers + 1
+    name = lambda j: f"model-{j + 1:05d}-of-{n_files:05d}.safetensors"  # noqa: E731
+    weight_map, total, scales = {}, 0, []
+
+    def save(tensors: dict[str, torch.Tensor], j: int) -> None:
+        nonlocal total
+        save_file(tensors, tmp / name(j), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name(j)))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    save({key: (t.to(dtype) if t.is_floating_point() else t).contiguous() for key, t in parts.read_tensors().items()}, 0)
+    for layer in checkpoint.layers():  # one block in memory at a time
+        i = layer.index
+        partition.check_matches(i, layer.fingerprint())
+        module = MoEFFN.from_layer(layer, partition.layers[i], points[i])
+        s = points[i].shared
+        scale = router_scale(module.router_weight[s:].detach(), module.router_bias[s:].detach(), None if layer.norm is None else layer.norm.weight)
+        save(block_tensors(module, points[i], i < n_dense, dtype, scale), i + 1)
+        scales.append(None if i < n_dense else scale)
+        if progress:
+            progress()
+    config[EXPORT_KEY]["router_scales"] = scales
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    return len(weight_map)
+
+
+def verify(folder: Path) -> None:
+    """Load `folder` with plain `AutoModelForCausalLM.from_pretrained`; MetanetError unless every weight the model needs
+    was in the files, none was left over and every shape matched."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, local_files_only=True)
+    problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if type(model).__name__ != ARCHITECTURE or any(problems.values()):
+        kind, keys = next(((k, v) for k, v in problems.items() if v), ("class", [type(model).__name__]))
+        raise MetanetError(f"the written {ARCHITECTURE} folder does not load cleanly: {kind.replace('_', ' ')} {keys[0]}"
+                           + (f" and {len(keys) - 1} more" if len(keys) > 1 else ""))
+    del model
+
+
+def check_destination(out: Path, source_folder: Path) -> None:
+    """Refuse an `out` that holds the source, or an existing non-empty folder that is neither an MoE checkpoint nor an export."""
+    if source_folder.resolve().is_relative_to(out.resolve()):
+        raise MetanetError(f"--out {out} holds the source checkpoint; choose another folder")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise MetanetError(f"{out} exists and is not a folder; choose another --out")
+    if not any(out.iterdir()):
+        return
+    try:
+        if EXPORT_KEY in json.loads((out / "config.json").read_text()):
+            return
+    except (OSError, ValueError):
+        pass
+    try:
+        read_config(out)
+    except MetanetError:
+        raise MetanetError(f"{out} exists and is neither an MoE checkpoint nor a transformers export; choose another --out or remove it") from None

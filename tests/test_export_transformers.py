@@ -1,0 +1,261 @@
+"""`apply --format transformers`: a Glm4MoeForCausalLM folder that plain transformers loads and that computes the carved MoE.
+
+What is exact (k = E, dense blocks, shared and routed experts' weights) is checked to float32 rounding; the routing,
+approximate by construction (metanet.moe.export_transformers docstring), is checked by what it costs: the experts it
+chooses, the logits, the perplexity and greedy decoding next to metanet's own MoE model.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.main import app
+from metanet.checkpoints import open_checkpoint
+from metanet.errors import MetanetError
+from metanet.moe import apply, load, select_experts
+from metanet.moe.export_transformers import ARCHITECTURE, export_transformers
+from metanet.partition import OperatingPoint, Partition
+from metanet.partition.make import make_partition
+
+runner = CliRunner()
+
+#: Loads every folder named on the command line with plain transformers (no metanet import, no trust_remote_code)
+#: and saves its float32 logits on the given ids and its greedy continuation of their first row.
+PLAIN_TRANSFORMERS = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+ids, new_tokens, out = torch.load(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+results = {}
+for folder in sys.argv[4:]:
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    generated = model.generate(ids[:1], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    results[folder] = (type(model).__name__, logits, generated)
+    assert "metanet" not in sys.modules
+torch.save(results, out)
+"""
+
+
+def plain_transformers(folders, ids, tmp_path, new_tokens=8) -> dict:
+    """{folder: (class name, logits, greedy tokens)} computed in a fresh python process that never imports metanet."""
+    torch.save(ids, tmp_path / "ids.pt")
+    result = subprocess.run(
+        [sys.executable, "-c", PLAIN_TRANSFORMERS, str(tmp_path / "ids.pt"), str(new_tokens), str(tmp_path / "out.pt"), *map(str, folders)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return {Path(key): value for key, value in torch.load(tmp_path / "out.pt").items()}
+
+
+def logits_and_tokens(model, ids, new_tokens=8):
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    return logits, model.generate(ids[:1], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+
+def relative_errors(logits, reference) -> torch.Tensor:
+    """Per position: max |Δlogit| / max |reference logit|."""
+    return (logits - reference).abs().amax(-1) / reference.abs().amax(-1)
+
+
+def token_ids(seed=0, vocab=64, shape=(2, 9)) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def leftovers(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# -- exact parts ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_every_expert_active_exports_the_dense_model(tiny_models, model_type, tmp_path):
+    tiny = tiny_models[model_type]
+    ckpt = open_checkpoint(tiny.path)
+    experts = tiny.d_ff // 8
+    summary = export_transformers(ckpt, make_partition(ckpt, "random", OperatingPoint(experts, experts)), tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = token_ids()
+    assert (summary["dense_blocks"], config["first_k_dense_replace"], config["model_type"]) == (2, 2, "glm4_moe")
+    assert config["attention_bias"] is (model_type == "qwen2") and config["rope_parameters"]["partial_rotary_factor"] == 1.0
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids).logits, tiny.model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_plan_with_a_dense_first_block_and_shared_experts(tiny_models, tmp_path):
+    """Block 0 runs every expert: written as a dense MLP, it is the source FFN to float32 rounding. Block 1 has 2 shared
+    experts, always on and unweighted: exact; and 3 of 9 routed experts: the model is metanet's MoE to ~1e-4."""
+    from transformers import AutoModelForCausalLM
+
+    tiny = tiny_models["llama"]
+    ckpt = open_checkpoint(tiny.path)
+    part = make_partition(ckpt, "random", OperatingPoint(11, 5, 2), seed=3)
+    part.layers[0].point = OperatingPoint(11, 11)
+    summary = export_transformers(ckpt, part, tmp_path / "hf")
+    apply(ckpt, part, tmp_path / "moe")
+    exported, reference = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval(), load(tmp_path / "moe")
+
+    assert (summary["dense_blocks"], summary["experts"], summary["active"], summary["shared"]) == (1, 11, 5, 2)
+    x = torch.randn(20, 32, generator=torch.Generator().manual_seed(0))
+    block, moe = exported.model.layers[1].mlp, reference.model.layers[1].mlp
+    assert block.shared_experts.gate_proj.weight.shape == (16, 32) and block.experts.gate_up_proj.shape == (9, 16, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.model.layers[0].mlp(x), tiny.model.model.layers[0].mlp(x), rtol=1e-6, atol=1e-6)
+        only_shared = torch.zeros(20, 11, dtype=torch.bool)
+        only_shared[:, :2] = True
+        torch.testing.assert_close(block.shared_experts(x), moe.forward_with_mask(x, only_shared), rtol=1e-6, atol=1e-6)
+        ids = token_ids()
+        errors = relative_errors(exported(input_ids=ids).logits, reference(input_ids=ids).logits)
+    assert errors.max() < 1e-3 and errors.median() < 3e-4, errors
+
+
+# -- the carved MoE, in a fresh process ---------------------------------------------------------------
+@pytest.mark.parametrize("shared", [0, 2])
+def test_fresh_process_loads_the_export_and_matches_metanets_moe(trained_lm, shared, tmp_path):
+    """The trained LM at 25% active: plain transformers (no metanet import) loads the folder, computes metanet's MoE
+    to ~1e-4 of the largest logit at most tokens, and greedy decoding gives the same tokens."""
+    from transformers import AutoTokenizer
+
+    ckpt = open_checkpoint(trained_lm)
+    part = make_partition(ckpt, "kmeans", OperatingPoint(16, 4, shared))
+    apply(ckpt, part, tmp_path / "moe")
+    export_transformers(ckpt, part, tmp_path / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)  # copied with the weights
+    ids = tokenizer(["ROMEO: What light through yonder window breaks? It is the east, and Juliet is the sun."], return_tensors="pt").input_ids
+
+    name, logits, generated = plain_transformers([tmp_path / "hf"], ids, tmp_path)[tmp_path / "hf"]
+    reference, reference_tokens = logits_and_tokens(load(tmp_path / "moe"), ids)
+
+    errors = relative_errors(logits, reference)
+    assert name == ARCHITECTURE
+    assert errors.median() < 3e-4 and errors.max() < 1e-2, errors
+    assert torch.equal(generated, reference_tokens), (tokenizer.decode(generated[0]), tokenizer.decode(reference_tokens[0]))
+
+
+@pytest.mark.parametrize("biased", [False, True])
+def test_exported_routers_choose_metanets_experts(trained_lm, biased, tmp_path):
+    """On real FFN inputs of the trained LM, each exported block's gate chooses the experts metanet's router chooses
+    for all but near-ties (scores closer than the float32 resolution of the sigmoid keys), with weights ≈ 1.
+    `biased`: router biases of the size of the scores' spread, carried by e_score_correction_bias."""
+    from transformers import AutoModelForCausalLM
+
+    from metanet.calib import load_corpus, load_model_and_tokenizer, text_split
+
+    ckpt = open_checkpoint(trained_lm)
+    part = make_partition(ckpt, "kmeans", OperatingPoint(16, 6, 2))
+    model, tokenizer = load_model_and_tokenizer(ckpt)
+    heldout = text_split(model, tokenizer, "llama", "heldout", 1024, load_corpus())
+    generator = torch.Generator().manual_seed(0)
+    for i, lp in enumerate(part.layers):
+        if biased:
+            lp.router_bias = lp.scores(heldout.ffn_inputs.layers[i]).std() * torch.randn(16, generator=generator)
+    export_transformers(ckpt, part, tmp_path / "hf")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    for i, lp in enumerate(part.layers):
+        x = heldout.ffn_inputs.layers[i]  # [T, d]
+        expected = select_experts(lp.scores(x), part.point)[:, 2:]  # routed experts only
+        with torch.no_grad():
+            _, weights, chosen = exported.model.layers[i].mlp.gate(x)
+        got = torch.zeros_like(expected).scatter_(1, chosen, True)
+        agreement = (got == expected).all(dim=1).float().mean().item()
+        assert agreement > 0.995, (i, agreement)
+        assert (weights - 1).abs().max() < 5e-3  # ρ·σ(z)/Σσ ≈ 1 (ρ = k − s)
+        if biased:  # the bias changes the choice: the exported gate follows it
+            unbiased = select_experts(x @ lp.router_weight.T, part.point)[:, 2:]
+            assert (unbiased != expected).any(dim=1).float().mean() > 0.1
+
+
+def test_export_perplexity_equals_metanets(trained_lm, tmp_path):
+    from metanet.calib import load_corpus, load_model_and_tokenizer, text_split
+    from metanet.eval.model_quality import dense_reference
+    from transformers import AutoModelForCausalLM
+
+    ckpt = open_checkpoint(trained_lm)
+    part = make_partition(ckpt, "kmeans", OperatingPoint(16, 4))
+    apply(ckpt, part, tmp_path / "moe")
+    export_transformers(ckpt, part, tmp_path / "hf")
+    model, tokenizer = load_model_and_tokenizer(ckpt)
+    heldout = text_split(model, tokenizer, "llama", "heldout", 1024, load_corpus())
+    nll = {name: dense_reference(m, "llama", heldout.input_ids).mean().item()
+           for name, m in {"dense": model, "metanet": load(tmp_path / "moe"), "export": AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()}.items()}
+    ppl_metanet, ppl_export = math.exp(nll["metanet"] - nll["dense"]), math.exp(nll["export"] - nll["dense"])
+    assert ppl_metanet > 1.05  # a real carve: 25% active costs perplexity
+    assert ppl_export == pytest.approx(ppl_metanet, rel=2e-3)
+
+
+# -- refusals: one line, exit 2, nothing written -----------------------------------------------------
+def one_line_error(args, expected):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("model_type, expected", [
+    ("bert", "is an encoder"), ("gpt2", "non-gated gpt2 FFN"), ("gpt_neox", "non-gated gpt_neox FFN"),
+    ("mistral", "sliding-window attention (window 4096 < 131072 positions)"),
+])
+def test_cli_refuses_what_has_no_transformers_moe_class(tiny_models, model_type, expected, tmp_path):
+    tiny = tiny_models[model_type]
+    make_partition(open_checkpoint(tiny.path), "random", OperatingPoint(tiny.d_ff // 8, 2)).save(tmp_path / "part")
+    one_line_error(["apply", str(tiny.path), str(tmp_path / "part"), "--out", str(tmp_path / "hf"), "--format", "transformers"], expected)
+    assert leftovers(tmp_path) == ["part"]
+
+
+def test_cli_refuses_a_foreign_partition_and_what_glm4_moe_cannot_express(tiny_models, tmp_path):
+    llama, mistral = tiny_models["llama"], tiny_models["mistral"]
+    ckpt = open_checkpoint(llama.path)
+    make_partition(open_checkpoint(mistral.path), "random", OperatingPoint(7, 2)).save(tmp_path / "foreign")
+    one_line_error(["apply", str(llama.path), str(tmp_path / "foreign"), "--out", str(tmp_path / "hf"), "--format", "transformers"], "another checkpoint")
+
+    plan = make_partition(ckpt, "random", OperatingPoint(11, 3))
+    plan.layers[1].point = OperatingPoint(11, 5)
+    plan.save(tmp_path / "plan")
+    one_line_error(["apply", str(llama.path), str(tmp_path / "plan"), "--out", str(tmp_path / "hf"), "--format", "transformers"],
+                   "blocks 0 and 1 run different operating points")
+
+    compensated = make_partition(ckpt, "random", OperatingPoint(11, 3))
+    compensated.layers[0].w_out = torch.randn(32, 88)
+    compensated.layers[0].b_out = torch.randn(32)
+    compensated.save(tmp_path / "compensated")
+    one_line_error(["apply", str(llama.path), str(tmp_path / "compensated"), "--out", str(tmp_path / "hf"), "--format", "transformers"],
+                   "output bias b_out")
+    one_line_error(["apply", str(llama.path), str(tmp_path / "plan"), "--out", str(tmp_path / "hf"), "--format", "gguf"], "--format must be one of")
+    assert leftovers(tmp_path) == ["compensated", "foreign", "plan"]
+
+
+def test_a_dense_block_after_a_sparse_one_is_refused(tiny_models, tmp_path):
+    ckpt = open_checkpoint(tiny_models["llama"].path)
+    plan = make_partition(ckpt, "random", OperatingPoint(11, 3))
+    plan.layers[1].point = OperatingPoint(11, 11)
+    with pytest.raises(MetanetError, match="block 1 runs every expert but follows sparse block 0"):
+        export_transformers(ckpt, plan, tmp_path / "hf")
+    assert leftovers(tmp_path) == []
+
+
+def test_cli_writes_the_folder_and_replaces_an_earlier_export(tiny_models, tmp_path):
+    tiny = tiny_models["qwen2"]
+    make_partition(open_checkpoint(tiny.path), "random", OperatingPoint(6, 3, 1)).save(tmp_path / "part")
+    args = ["apply", str(tiny.path), str(tmp_path / "part"), "--out", str(tmp_path / "hf"), "--format", "transformers", "--dtype", "bf16"]
+    for _ in range(2):  # the second run replaces the first
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+    files = leftovers(tmp_path / "hf")
+    assert "config.json" in files and "model.safetensors.index.json" in files and len([f for f in files if f.startswith("model-")]) == 3
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["n_routed_experts"], config["num_experts_per_tok"], config["n_shared_experts"], config["routed_scaling_factor"]) == (5, 2, 1, 2.0)
+    assert config["dtype"] == "bfloat16" and leftovers(tmp_path) == ["hf", "part"]
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    one_line_error([*args[:4], str(tmp_path / "other"), *args[5:]], "neither an MoE checkpoint nor a transformers export")
+    assert leftovers(tmp_path / "other") == ["notes.txt"]
