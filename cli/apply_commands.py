@@ -19,7 +19,7 @@ def apply_command(
     out: Path = typer.Option(..., "--out", "-o", help="MoE checkpoint folder to write (an earlier one there is replaced atomically)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32 for every weight but the routers (default: the checkpoint's own)."),
     out_format: str = typer.Option("metanet", "--format", help="metanet: the MoE checkpoint `metanet.moe.load` reads (every family); "
-                               "transformers: a Glm4MoeForCausalLM folder that plain transformers / vLLM / SGLang load (gated llama-family decoders)."),
+                               "transformers: a Glm4MoeForCausalLM folder that plain transformers loads (gated llama-family decoders; README)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
 ) -> None:
     """Write a GPU-ready MoE checkpoint (experts grouped and padded, routers, all other tensors) or, with --format transformers, a transformers-native MoE folder; verified before success."""

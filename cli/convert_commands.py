@@ -15,8 +15,8 @@ from cli.app import app, console, err_console, progress_bar
 from cli.checkpoint_commands import CHECKPOINT_HELP
 from cli.config import config_option
 from cli.partition_commands import (
-    CORPUS_HELP, TRACKING_HELP, _check_calibration, _summary_table, _technique_rows, compensate_option, plan_option, refine_option, ridge_option,
-    sequential_option, techniques,
+    CORPUS_HELP, TRACKING_HELP, _check_calibration, _summary_table, _technique_rows, compensate_option, output_bias_option, plan_option,
+    refine_option, ridge_option, sequential_option, techniques,
 )
 
 LIBRARY = "(default: the library's, ConversionSettings)"
@@ -64,6 +64,7 @@ def convert(
     refine: Optional[bool] = refine_option(None),
     compensate: Optional[bool] = compensate_option(None),
     ridge: Optional[float] = ridge_option(),
+    output_bias: Optional[bool] = output_bias_option(),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32 for every written weight but the routers (default: the checkpoint's own)."),
     heldout_tokens: int = typer.Option(4096, "--heldout-tokens", help="Held-out tokens the dense and MoE models are measured on."),
     device: str = typer.Option("auto", "--device", help="Where the model runs during conversion and measurement: auto | cpu | cuda."),
@@ -90,7 +91,7 @@ def convert(
     ckpt = open_checkpoint(checkpoint)
     settings = conversion_settings(ckpt, active_fraction=active_fraction, experts=experts, shared=shared, plan=load_plan(plan) if plan else None,
                                    method=method, router=router, calibration=calibration, calib_tokens=calib_tokens, seed=seed,
-                                   **techniques(sequential, refine, compensate, ridge))
+                                   **techniques(sequential, refine, compensate, ridge, output_bias))
     check_destination(ckpt, out)
     net = _metanetwork([settings.method], settings.router, model, tracking_uri)
     with err_console.status(f"loading {ckpt.path.name}, held-out text through the dense model"):

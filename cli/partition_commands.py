@@ -92,6 +92,11 @@ def compensate_option(default: Optional[bool]):
                         "given its routing" + (" (default: the library's)." if default is None else "."))
 
 
+def output_bias_option():
+    return typer.Option(None, "--output-bias/--no-output-bias", help="Compensation fits an output bias b_out beside the down projection "
+                        "(default: the library's, on); --no-output-bias fits the down projection alone, which `apply --format transformers` can hold.")
+
+
 def ridge_option():
     return typer.Option(None, "--ridge", help="Compensation's pull toward the dense weights, relative to the mean activation energy (default: the library's).")
 
@@ -101,9 +106,9 @@ def plan_option():
                         dir_okay=False)
 
 
-def techniques(sequential, refine, compensate, ridge) -> dict:
+def techniques(sequential, refine, compensate, ridge, output_bias=None) -> dict:
     """The technique options as ConversionSettings fields (None: the library's default)."""
-    return {"sequential": sequential, "refine": refine, "compensate": compensate, "ridge": ridge}
+    return {"sequential": sequential, "refine": refine, "compensate": compensate, "ridge": ridge, "output_bias": output_bias}
 
 
 def given(ctx: typer.Context, *names: str) -> dict:
@@ -123,6 +128,7 @@ def _technique_rows(settings) -> dict:
     rows = {name: "on" if getattr(settings, name) else "off" for name in ("sequential", "refine", "compensate")}
     if settings.compensate:
         rows["ridge"] = settings.ridge
+        rows["output bias"] = "on" if settings.output_bias else "off"
     return rows
 
 
@@ -149,6 +155,7 @@ def partition(
     refine: bool = refine_option(False),
     compensate: bool = compensate_option(False),
     ridge: Optional[float] = ridge_option(),
+    output_bias: Optional[bool] = output_bias_option(),
     plan: Optional[Path] = plan_option(),
     width_multiple: int = width_multiple_option(),
     seed: int = typer.Option(0, "--seed"),
@@ -159,7 +166,7 @@ def partition(
     """Carve every FFN layer into experts with one method and fit a router; write a Partition folder.
 
     The baseline: no technique is on unless asked for (`metanet convert` runs the library's defaults)."""
-    run_partition(checkpoint, method, router, point_options(ctx, plan), width_multiple, plan, techniques(sequential, refine, compensate, ridge),
+    run_partition(checkpoint, method, router, point_options(ctx, plan), width_multiple, plan, techniques(sequential, refine, compensate, ridge, output_bias),
                   corpus, calibration, calib_tokens, seed, out, tracking_uri, experiment="partition")
 
 

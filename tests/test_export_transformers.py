@@ -92,6 +92,26 @@ def test_every_expert_active_exports_the_dense_model(tiny_models, model_type, tm
         torch.testing.assert_close(exported(input_ids=ids).logits, tiny.model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_qwen3_keeps_its_head_norms_and_head_dim(tmp_path):
+    """Qwen3's per-head q/k RMSNorms map to use_qk_norm, a head_dim other than hidden/heads is carried over."""
+    from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    dense = Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=1, head_dim=24)).eval()
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    dense.save_pretrained(tmp_path / "qwen3")
+    ckpt = open_checkpoint(tmp_path / "qwen3")
+    export_transformers(ckpt, make_partition(ckpt, "random", OperatingPoint(6, 6)), tmp_path / "hf")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert exported.config.use_qk_norm and exported.config.head_dim == 24
+    ids = token_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_a_plan_with_a_dense_first_block_and_shared_experts(tiny_models, tmp_path):
     """Block 0 runs every expert: written as a dense MLP, it is the source FFN to float32 rounding. Block 1 has 2 shared
     experts, always on and unweighted: exact; and 3 of 9 routed experts: the model is metanet's MoE to ~1e-4."""
@@ -191,6 +211,37 @@ def test_export_perplexity_equals_metanets(trained_lm, tmp_path):
     ppl_metanet, ppl_export = math.exp(nll["metanet"] - nll["dense"]), math.exp(nll["export"] - nll["dense"])
     assert ppl_metanet > 1.05  # a real carve: 25% active costs perplexity
     assert ppl_export == pytest.approx(ppl_metanet, rel=2e-3)
+
+
+def test_compensation_without_output_bias_exports_at_the_compensated_quality(trained_lm, tmp_path):
+    """--no-output-bias refits each down projection alone: GLM-4-MoE holds it, the metanet format too, and both models
+    measure the same perplexity (well below the uncompensated carve's)."""
+    from transformers import AutoModelForCausalLM
+
+    from metanet.calib import load_corpus, load_model_and_tokenizer, text_split
+    from metanet.conversion.pipeline import ConversionSettings, convert_checkpoint
+    from metanet.eval.model_quality import dense_reference
+
+    ckpt = open_checkpoint(trained_lm)
+    model, tokenizer = load_model_and_tokenizer(ckpt)
+    settings = ConversionSettings(method="kmeans", router="lsq", point=OperatingPoint(16, 4), calibration="text", calib_tokens=1024,
+                                  sequential=False, refine=False, compensate=True, output_bias=False)
+    part = convert_checkpoint(ckpt, settings, model, tokenizer, load_corpus())
+    assert part.compensated and all(lp.b_out is None for lp in part.layers) and part.info["output_bias"] is False
+    apply(ckpt, part, tmp_path / "moe")
+    export_transformers(ckpt, part, tmp_path / "hf")
+    heldout = text_split(model, tokenizer, "llama", "heldout", 1024, load_corpus())
+    nll = {name: dense_reference(m, "llama", heldout.input_ids).mean().item()
+           for name, m in {"dense": model, "metanet": load(tmp_path / "moe"), "export": AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()}.items()}
+    ppl_metanet, ppl_export = math.exp(nll["metanet"] - nll["dense"]), math.exp(nll["export"] - nll["dense"])
+    assert ppl_export == pytest.approx(ppl_metanet, rel=2e-3)
+    assert ppl_metanet < 1.3  # uncompensated, this carve measures ~1.5 (README)
+
+    result = runner.invoke(app, ["partition", str(trained_lm), "--method", "kmeans", "--router", "lsq", "-E", "16", "-k", "4", "--compensate",
+                                 "--no-output-bias", "--calib-tokens", "512", "--out", str(tmp_path / "part")])
+    assert result.exit_code == 0, result.output
+    stored = Partition.load(tmp_path / "part")
+    assert stored.compensated and all(lp.b_out is None for lp in stored.layers)
 
 
 # -- refusals: one line, exit 2, nothing written -----------------------------------------------------

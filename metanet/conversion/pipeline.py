@@ -57,6 +57,7 @@ class ConversionSettings:
     refine: bool = True
     compensate: bool = True
     ridge: float = DEFAULT_RIDGE
+    output_bias: bool = True  # compensation fits an output bias b_out too; False: the down projection alone (what --format transformers can hold)
     seed: int = 0
 
     def point_of(self, index: int) -> OperatingPoint:
@@ -69,7 +70,7 @@ class ConversionSettings:
 
     def techniques(self) -> dict:
         """The settings a Partition's info records beside method and router."""
-        return {key: value for key, value in asdict(self).items() if key in ("sequential", "refine", "compensate", "ridge")}
+        return {key: value for key, value in asdict(self).items() if key in ("sequential", "refine", "compensate", "ridge", "output_bias")}
 
 
 def convert_checkpoint(
@@ -115,7 +116,7 @@ def convert_checkpoint(
         lp = partition_layer(layer, settings.method, point, [router], calib, settings.seed, net, device, refine=settings.refine)[router]
         if settings.compensate:
             mask = select_experts(lp.scores(calib.x), point)  # [T, E]
-            fitted = refit_down_projection(layer, calib.x, lp.assign, mask, settings.ridge)
+            fitted = refit_down_projection(layer, calib.x, lp.assign, mask, settings.ridge, bias=settings.output_bias)
             lp.w_out, lp.b_out = fitted.w_out, fitted.b_out
         if settings.plan is not None and point != settings.point:
             lp.point = point

@@ -110,7 +110,7 @@ def measure_sensitivity(
             point = OperatingPoint(experts, k, shared, settings.point.width_multiple)
             lp = copy.copy(fitted)
             if settings.compensate:
-                refit = refit_down_projection(layer, x, lp.assign, select_experts(lp.scores(x), point), settings.ridge)
+                refit = refit_down_projection(layer, x, lp.assign, select_experts(lp.scores(x), point), settings.ridge, bias=settings.output_bias)
                 lp.w_out, lp.b_out = refit.w_out, refit.b_out
             carved = copy.deepcopy(original)
             blocks[i] = carved

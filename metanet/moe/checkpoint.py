@@ -180,7 +180,7 @@ def _moe_section(checkpoint: Checkpoint, partition: Partition, dtype: torch.dtyp
         "source": str(checkpoint.path),
         "fingerprints": partition.fingerprints,
         "partition_info": partition.info,
-        "output_bias": partition.compensated and "b_out" not in checkpoint.layout.patterns,
+        "output_bias": any(lp.b_out is not None for lp in partition.layers) and "b_out" not in checkpoint.layout.patterns,
         "layers": [_layer_entry(partition.layer_point(i), checkpoint.d_ff, pad_multiple) for i in range(checkpoint.n_layers)],
     }
 

@@ -46,7 +46,8 @@ Blocks that run every expert (k = E) are dense FFNs; GLM-4-MoE writes the first
 `first_k_dense_replace` blocks as dense MLPs of width `intermediate_size` = f (exact). What it
 cannot express is refused with a one-line MetanetError before anything is written: a dense block
 after a sparse one, sparse blocks with different (E, k, s), an output bias b_out of a
-compensated partition (its MLPs have no biases), families other than the gated llama family
+compensated partition (its MLPs have no biases; `--no-output-bias` compensates without one, at the same
+perplexity on the trained test LM), families other than the gated llama family
 (BERT, GPT-2, GPT-NeoX, OPT keep the metanet format), llama with attention_bias (o_proj bias)
 and sliding-window attention.
 """
@@ -74,7 +75,6 @@ from metanet.partition.partition import OperatingPoint, Partition
 
 log = logging.getLogger(__name__)
 
-MODEL_TYPE = "glm4_moe"
 ARCHITECTURE = "Glm4MoeForCausalLM"
 #: Each block's router is multiplied by the power of two c (exact in binary floating point) that brings its score
 #: range R (see `router_scale`) to about 2^ROUTER_RANGE_LOG2: small enough that the sigmoid weights of the chosen
@@ -105,7 +105,7 @@ def check_exportable(checkpoint: Checkpoint, partition: Partition) -> int:
     partition.check_layer_count(checkpoint.n_layers)
     if partition.compensated and any(lp.b_out is not None and bool(lp.b_out.any()) for lp in partition.layers):
         raise MetanetError(f"the partition is compensated with an output bias b_out, which {ARCHITECTURE}'s MLPs cannot hold; "
-                           "export a partition converted without compensation or use --format metanet")
+                           "convert (or partition) again with --no-output-bias, or use --format metanet")
     points = [partition.layer_point(i) for i in range(checkpoint.n_layers)]
     dense = [p.active == p.experts for p in points]
     n_dense = dense.index(False) if False in dense else len(dense)
