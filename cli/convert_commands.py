@@ -20,6 +20,7 @@ from cli.partition_commands import (
 )
 
 LIBRARY = "(default: the library's, ConversionSettings)"
+FORMATS = ("metanet", "transformers")
 METHOD_HELP = f"random | kmeans | joint | coact | cmoe | metanet | metanet-data {LIBRARY}."
 ROUTER_HELP = f"centroid | scaled | cmoe | lsq | mlp | metanet {LIBRARY}."
 CALIBRATION_HELP = f"text (--corpus) | generated (windows the model writes itself) | mix (half of each) {LIBRARY}."
@@ -66,6 +67,8 @@ def convert(
     ridge: Optional[float] = ridge_option(),
     output_bias: Optional[bool] = output_bias_option(),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32 for every written weight but the routers (default: the checkpoint's own)."),
+    out_format: str = typer.Option("metanet", "--format", help="metanet | transformers: the folder `apply --format` writes (transformers: "
+                                   "a Glm4MoeForCausalLM folder, compensated without an output bias unless told otherwise)."),
     heldout_tokens: int = typer.Option(4096, "--heldout-tokens", help="Held-out tokens the dense and MoE models are measured on."),
     device: str = typer.Option("auto", "--device", help="Where the model runs during conversion and measurement: auto | cpu | cuda."),
     seed: Optional[int] = typer.Option(None, "--seed", help=f"Seed of calibration windows and partitioning {LIBRARY}."),
@@ -75,10 +78,11 @@ def convert(
 ) -> None:
     """Convert a dense checkpoint into an MoE checkpoint with the library pipeline and measure both on held-out text."""
     from metanet.checkpoints import open_checkpoint
-    from metanet.conversion.workflow import conversion_settings, convert_to_moe, load_plan, partition_json, prepare
+    from metanet.conversion.workflow import check_transformers_export, conversion_settings, convert_to_moe, load_plan, partition_json, prepare
     from metanet.device import resolve_device
     from metanet.errors import MetanetError
     from metanet.moe.checkpoint import DTYPES, check_destination
+    from metanet.moe.export_transformers import check_destination as check_export_destination
     from metanet.tracking import log_artifacts, log_metrics, tracked_run
 
     if dtype is not None and dtype not in DTYPES:
@@ -87,12 +91,20 @@ def convert(
         _check_calibration(calibration)
     if heldout_tokens < 1:
         raise MetanetError(f"--heldout-tokens must be ≥ 1 (the MoE is measured on held-out text), got {heldout_tokens}")
+    if out_format not in FORMATS:
+        raise MetanetError(f"--format must be one of {', '.join(FORMATS)}, got {out_format!r}")
+    if out_format == "transformers" and output_bias is None:
+        output_bias = False  # GLM-4-MoE holds no output bias; without one compensation measured the same (README)
     resolve_device(device)
     ckpt = open_checkpoint(checkpoint)
     settings = conversion_settings(ckpt, active_fraction=active_fraction, experts=experts, shared=shared, plan=load_plan(plan) if plan else None,
                                    method=method, router=router, calibration=calibration, calib_tokens=calib_tokens, seed=seed,
                                    **techniques(sequential, refine, compensate, ridge, output_bias))
-    check_destination(ckpt, out)
+    if out_format == "transformers":
+        check_transformers_export(ckpt, settings)
+        check_export_destination(out, ckpt.path if ckpt.path.is_dir() else ckpt.path.parent)
+    else:
+        check_destination(ckpt, out)
     net = _metanetwork([settings.method], settings.router, model, tracking_uri)
     with err_console.status(f"loading {ckpt.path.name}, held-out text through the dense model"):
         prepared = prepare(ckpt, corpus, heldout_tokens, device, read_corpus=settings.calibration != "generated")
@@ -100,10 +112,10 @@ def convert(
     params = {"checkpoint": checkpoint, "out": str(out), "method": settings.method, "router": settings.router or "default", "experts": point.experts,
               "active": point.active, "shared": point.shared, "plan": str(plan) if plan else "none", "calibration": settings.calibration,
               "calib_tokens": settings.calib_tokens, "seed": settings.seed, "corpus": corpus or "default", "heldout_tokens": heldout_tokens,
-              "dtype": dtype or "source", "device": str(prepared.device), **settings.techniques()}
+              "dtype": dtype or "source", "device": str(prepared.device), "format": out_format, **settings.techniques()}
     with tracked_run("convert", f"{settings.method}-{'plan' if plan else f'E{point.experts}-k{point.active}'}", params, tracking_uri) as run:
         with progress_bar() as progress:
-            result = convert_to_moe(prepared, settings, out, DTYPES.get(dtype), net, progress=_steps(progress))
+            result = convert_to_moe(prepared, settings, out, DTYPES.get(dtype), net, progress=_steps(progress), out_format=out_format)
         log_metrics(result.metrics())
         with tempfile.TemporaryDirectory() as tmp:
             log_artifacts(partition_json(result.partition, tmp), out / "config.json")

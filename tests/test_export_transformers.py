@@ -244,6 +244,39 @@ def test_compensation_without_output_bias_exports_at_the_compensated_quality(tra
     assert stored.compensated and all(lp.b_out is None for lp in stored.layers)
 
 
+def test_convert_writes_the_export_and_prints_its_own_perplexity(trained_lm, tmp_path):
+    """convert --format transformers compensates without an output bias by default, writes the GLM-4-MoE folder and
+    reports the perplexity of that folder as plain transformers runs it."""
+    import re
+
+    from transformers import AutoModelForCausalLM
+
+    from metanet.calib import load_corpus, load_model_and_tokenizer, split_documents, tokenize_documents
+
+    args = ["convert", str(trained_lm), "--out", str(tmp_path / "hf"), "--format", "transformers", "-E", "16", "--active-fraction", "0.25",
+            "--method", "kmeans", "--router", "lsq", "--no-sequential", "--no-refine", "--calib-tokens", "512", "--heldout-tokens", "512",
+            "--device", "cpu"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    printed = float(re.search(r"ppl_ratio\s*│\s*1\s*│\s*([0-9.]+)", result.stdout).group(1))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == [ARCHITECTURE] and config["num_experts_per_tok"] == 4
+
+    model, tokenizer = load_model_and_tokenizer(open_checkpoint(trained_lm))
+    ids = tokenize_documents(tokenizer, split_documents(load_corpus())[1], 512)  # the held-out windows convert measures on
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+
+    def nll(m):
+        with torch.no_grad():
+            logits = m(input_ids=ids).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item()
+
+    assert printed == pytest.approx(math.exp(nll(exported) - nll(model)), rel=2e-3) and printed < 1.4  # compensated (~1.1)
+
+    one_line_error([*args[:-6], "--output-bias", "--device", "cpu"], "cannot hold compensation's output bias")
+    assert leftovers(tmp_path) == ["hf"]
+
+
 # -- refusals: one line, exit 2, nothing written -----------------------------------------------------
 def one_line_error(args, expected):
     result = runner.invoke(app, args)

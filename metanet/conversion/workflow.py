@@ -195,22 +195,37 @@ class ConversionResult:
 
 
 def convert_to_moe(prepared: Prepared, settings: ConversionSettings, out: str | Path, dtype: torch.dtype | None = None,
-                   metanetwork=None, progress: Progress | None = None) -> ConversionResult:
+                   metanetwork=None, progress: Progress | None = None, out_format: str = "metanet") -> ConversionResult:
     """Convert `prepared.checkpoint` with `settings`, write the MoE checkpoint folder `out` (an earlier MoE checkpoint
     there is replaced; anything else there is refused before the conversion starts) and measure it on the held-out
-    windows (module docstring). `dtype` casts the written experts and dense tensors (None: the source's)."""
+    windows (module docstring). `dtype` casts the written experts and dense tensors (None: the source's).
+    `out_format` "transformers" writes the GLM-4-MoE folder of metanet.moe.export_transformers instead (what it cannot
+    express, compensation's output bias included, is refused before the conversion starts) and measures that folder
+    as plain transformers loads it."""
+    from metanet.moe import export_transformers as export
     from metanet.moe.checkpoint import apply, check_destination, load
 
     checkpoint, out = prepared.checkpoint, Path(out)
     if prepared.heldout is None:
         raise MetanetError("convert measures the MoE on held-out text: prepare it with heldout_tokens ≥ 1")
-    check_destination(checkpoint, out)
+    if out_format == "transformers":
+        check_transformers_export(checkpoint, settings)
+        export.check_destination(out, checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent)
+    else:
+        check_destination(checkpoint, out)
     step = progress or (lambda description, total: lambda: None)
     partition = convert_checkpoint(checkpoint, settings, prepared.model, prepared.tokenizer, prepared.corpus, metanetwork,
                                    prepared.device, progress=step(f"{settings.method} conversion, block by block", checkpoint.n_layers))
-    written = apply(checkpoint, partition, out, dtype, progress=step("writing expert layers", checkpoint.n_layers))
-    advance = step("held-out text through the MoE checkpoint", None)
-    moe = load(out, device=prepared.device)
+    if out_format == "transformers":
+        from transformers import AutoModelForCausalLM
+
+        written = export.export_transformers(checkpoint, partition, out, dtype, progress=step(f"writing {export.ARCHITECTURE} blocks", checkpoint.n_layers))
+        advance = step("held-out text through the exported model", None)
+        moe = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).to(prepared.device).eval()
+    else:
+        written = apply(checkpoint, partition, out, dtype, progress=step("writing expert layers", checkpoint.n_layers))
+        advance = step("held-out text through the MoE checkpoint", None)
+        moe = load(out, device=prepared.device)
     outputs = dense_reference(moe, prepared.family, prepared.heldout)
     advance()
     quality = quality_of(prepared.family, outputs, prepared.reference)
@@ -218,6 +233,18 @@ def convert_to_moe(prepared: Prepared, settings: ConversionSettings, out: str | 
         quality = {"dense_ppl": math.exp(prepared.reference.float().mean().item()), "moe_ppl": math.exp(outputs.float().mean().item()), **quality}
     log.info("converted %s into %s: %s", checkpoint.path.name, out, ", ".join(f"{k} {v:.4g}" for k, v in quality.items()))
     return ConversionResult(partition, out, written, quality, prepared.heldout.numel())
+
+
+def check_transformers_export(checkpoint: Checkpoint, settings: ConversionSettings) -> None:
+    """What `convert --format transformers` refuses before converting (one-line MetanetError): a source or a plan
+    GLM-4-MoE cannot express, and compensation with an output bias (its MLPs have none)."""
+    from metanet.moe import export_transformers as export
+
+    export.check_source(checkpoint)
+    export.check_points([settings.point_of(i) for i in range(checkpoint.n_layers)])
+    if settings.compensate and settings.output_bias:
+        raise MetanetError(f"--format transformers cannot hold compensation's output bias ({export.ARCHITECTURE}'s MLPs have none): "
+                           "compensate with --no-output-bias (the default with this format) or --no-compensate")
 
 
 def partition_json(partition: Partition, folder: str | Path) -> Path:

@@ -90,6 +90,16 @@ INDEX_FILE = "model.safetensors.index.json"
 def check_exportable(checkpoint: Checkpoint, partition: Partition) -> int:
     """Raise a one-line MetanetError unless GLM-4-MoE can express `partition` of `checkpoint`; return the number of
     leading dense blocks (blocks that run every expert, written as dense MLPs)."""
+    check_source(checkpoint)
+    partition.check_layer_count(checkpoint.n_layers)
+    if partition.compensated and any(lp.b_out is not None and bool(lp.b_out.any()) for lp in partition.layers):
+        raise MetanetError(f"the partition is compensated with an output bias b_out, which {ARCHITECTURE}'s MLPs cannot hold; "
+                           "convert (or partition) again with --no-output-bias, or use --format metanet")
+    return check_points([partition.layer_point(i) for i in range(checkpoint.n_layers)])
+
+
+def check_source(checkpoint: Checkpoint) -> None:
+    """Raise a one-line MetanetError unless GLM-4-MoE has `checkpoint`'s attention, norms and FFN kind."""
     config = checkpoint.config
     model_type = config.get("model_type")
     if checkpoint.family.name != "llama":
@@ -102,11 +112,11 @@ def check_exportable(checkpoint: Checkpoint, partition: Partition) -> int:
     if window is not None and window < config.get("max_position_embeddings", 0):
         raise MetanetError(f"{checkpoint.path.name}: sliding-window attention (window {window} < {config.get('max_position_embeddings')} positions) "
                            f"is not in {ARCHITECTURE}; use --format metanet")
-    partition.check_layer_count(checkpoint.n_layers)
-    if partition.compensated and any(lp.b_out is not None and bool(lp.b_out.any()) for lp in partition.layers):
-        raise MetanetError(f"the partition is compensated with an output bias b_out, which {ARCHITECTURE}'s MLPs cannot hold; "
-                           "convert (or partition) again with --no-output-bias, or use --format metanet")
-    points = [partition.layer_point(i) for i in range(checkpoint.n_layers)]
+
+
+def check_points(points: list[OperatingPoint]) -> int:
+    """Raise a one-line MetanetError unless GLM-4-MoE can run these per-block operating points: blocks that run every
+    expert first (dense MLPs), then one point for all sparse blocks. Returns the number of dense blocks."""
     dense = [p.active == p.experts for p in points]
     n_dense = dense.index(False) if False in dense else len(dense)
     for i, point in enumerate(points[n_dense:], start=n_dense):
