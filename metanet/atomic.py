@@ -6,6 +6,7 @@ over it only once it is complete (rename is atomic on POSIX filesystems).
 
 import contextlib
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -35,6 +36,25 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staged_folder(destination: Path, what: str = "") -> Iterator[Path]:
+    """Yield a new empty folder beside `destination` (one filesystem, so the final rename is atomic) to build an
+    output in; once the body returns, the caller having written and verified it, it replaces `destination`.
+
+    On any exception the folder is removed and `destination` is left as it was; an OSError becomes a
+    MetanetError "cannot write {what}{destination}: …".
+    """
+    tmp = destination.parent / f".{destination.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        tmp.mkdir(parents=True)  # permissions from the umask, as for any folder the user creates
+        yield tmp
+        replace_folder(tmp, destination)
+    except OSError as exc:
+        raise MetanetError(f"cannot write {what}{destination}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def replace_folder(new: Path, destination: Path) -> None:

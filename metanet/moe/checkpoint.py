@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import secrets
 import shutil
 import time
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ from metanet.checkpoints.sources import SafetensorsSource
 from metanet.errors import MetanetError
 from metanet.moe.convert import install
 from metanet.moe.module import MoEFFN
-from metanet.atomic import replace_folder
+from metanet.atomic import staged_folder
 from metanet.partition.partition import OperatingPoint, Partition
 
 log = logging.getLogger(__name__)
@@ -133,22 +132,12 @@ def apply(
     first_w_in = checkpoint.tensor_names(0)["w_in"]
     dtype = dtype or checkpoint.source.read([first_w_in])[first_w_in].dtype
     section = _moe_section(checkpoint, partition, dtype, pad_multiple)
-    tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"  # beside `out`, so that the final rename stays on one filesystem
-    try:
-        tmp.mkdir(parents=True)  # permissions from the umask, as for any folder the user creates
-    except OSError as exc:
-        raise MetanetError(f"cannot write MoE checkpoint {out}: {exc.strerror or exc}") from None
-    try:
+    with staged_folder(out, "MoE checkpoint ") as tmp:
         checksums = _write(tmp, checkpoint, partition, section, parts, dtype, pad_multiple, progress)
         written = time.perf_counter()
         _read_model(tmp, dtype, source=checkpoint.path)  # every tensor re-read against its checksum, the model built from the files
         verified = time.perf_counter()
         size = sum(path.stat().st_size for path in tmp.iterdir())
-        replace_folder(tmp, out)
-    except OSError as exc:
-        raise MetanetError(f"cannot write MoE checkpoint {out}: {exc.strerror or exc}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote and verified the MoE checkpoint %s (%d layers, %.1f MB)", out, checkpoint.n_layers, size / 1e6)
     keys = ("family", "n_layers", "experts", "active", "shared", "expert_width", "padded_width", "dtype")
     return {
@@ -312,17 +301,28 @@ def check_destination(checkpoint: Checkpoint, out: str | Path) -> None:
 
 def _check_destination(out: Path, source_folder: Path) -> None:
     """Refuse an `out` that holds the source, or an existing file or folder that is not an MoE checkpoint."""
+    check_out_folder(out, source_folder, is_moe_checkpoint, "not an MoE checkpoint")
+
+
+def check_out_folder(out: Path, source_folder: Path, replaceable: Callable[[Path], bool], refusal: str) -> None:
+    """MetanetError when `out` holds the source, is a file, or is a non-empty folder that `replaceable` does not accept
+    (an earlier output the writer may replace); `refusal` completes "{out} exists and is …"."""
     if source_folder.resolve().is_relative_to(out.resolve()):
         raise MetanetError(f"--out {out} holds the source checkpoint; choose another folder")
     if not out.exists():
         return
     if not out.is_dir():
         raise MetanetError(f"{out} exists and is not a folder; choose another --out")
-    if any(out.iterdir()):
-        try:
-            read_config(out)
-        except MetanetError:
-            raise MetanetError(f"{out} exists and is not an MoE checkpoint; choose another --out or remove it") from None
+    if any(out.iterdir()) and not replaceable(out):
+        raise MetanetError(f"{out} exists and is {refusal}; choose another --out or remove it")
+
+
+def is_moe_checkpoint(folder: Path) -> bool:
+    try:
+        read_config(folder)
+    except MetanetError:
+        return False
+    return True
 
 
 # -- reading ----------------------------------------------------------------------------

@@ -57,8 +57,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import secrets
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -66,10 +64,10 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-from metanet.atomic import replace_folder
+from metanet.atomic import staged_folder
 from metanet.checkpoints import Checkpoint
 from metanet.errors import MetanetError
-from metanet.moe.checkpoint import dense_parts, read_config
+from metanet.moe.checkpoint import check_out_folder, dense_parts, is_moe_checkpoint
 from metanet.moe.module import MoEFFN
 from metanet.partition.partition import OperatingPoint, Partition
 
@@ -235,22 +233,12 @@ def export_transformers(
             "experts": sparse_point.experts if sparse_point else None, "active": sparse_point.active if sparse_point else None,
             "shared": sparse_point.shared if sparse_point else None}
     config = glm4_moe_config(parts.config, sparse_point, expert_width, n_dense, checkpoint.d_ff, dtype, info)
-    tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
-    try:
-        tmp.mkdir(parents=True)
-    except OSError as exc:
-        raise MetanetError(f"cannot write {out}: {exc.strerror or exc}") from None
-    try:
+    with staged_folder(out) as tmp:
         n_tensors = _write(tmp, checkpoint, partition, parts, config, points, n_dense, dtype, progress)
         written = time.perf_counter()
         verify(tmp)
         verified = time.perf_counter()
         size = sum(path.stat().st_size for path in tmp.iterdir())
-        replace_folder(tmp, out)
-    except OSError as exc:
-        raise MetanetError(f"cannot write {out}: {exc.strerror or exc}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote and verified the %s folder %s (%d blocks, %d dense, %.1f MB)", ARCHITECTURE, out, checkpoint.n_layers, n_dense, size / 1e6)
     return {
         "out": str(out), "architecture": ARCHITECTURE, "n_layers": checkpoint.n_layers, "dense_blocks": n_dense,
@@ -310,20 +298,12 @@ def verify(folder: Path) -> None:
 
 def check_destination(out: Path, source_folder: Path) -> None:
     """Refuse an `out` that holds the source, or an existing non-empty folder that is neither an MoE checkpoint nor an export."""
-    if source_folder.resolve().is_relative_to(out.resolve()):
-        raise MetanetError(f"--out {out} holds the source checkpoint; choose another folder")
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise MetanetError(f"{out} exists and is not a folder; choose another --out")
-    if not any(out.iterdir()):
-        return
+    check_out_folder(out, source_folder, lambda folder: is_export(folder) or is_moe_checkpoint(folder),
+                     "neither an MoE checkpoint nor a transformers export")
+
+
+def is_export(folder: Path) -> bool:
     try:
-        if EXPORT_KEY in json.loads((out / "config.json").read_text()):
-            return
+        return EXPORT_KEY in json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
-        pass
-    try:
-        read_config(out)
-    except MetanetError:
-        raise MetanetError(f"{out} exists and is neither an MoE checkpoint nor a transformers export; choose another --out or remove it") from None
+        return False
