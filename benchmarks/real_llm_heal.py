@@ -208,19 +208,21 @@ def report(rows: list[dict]) -> str:
         "the dense model writes itself (a pool sampled once per run, cycled), no corpus text trained on. "
         f"The bar: ppl_ratio ≤ {BAR} at 25% active after ≤ 2M training tokens.",
         "",
-        "| active | data | before | 0.1M | 0.25M | 0.5M | 1M | end (tokens) | mlflow-docs before → after | tokens/s train (end to end) | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| active | data | before | 0.1M | 0.25M | 0.5M | 1M | best (tokens) | end (tokens) | mlflow-docs before → after | tokens/s train (end to end) | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["active"], r["data"] != "text")):
         h = r["history"]
         docs = r.get("mlflow_docs")
         docs = f"{docs['before']:.3f} → {docs['after']:.3f}" if docs else "—"
         end = f"{h[-1]['ppl_ratio']:.3f} ({h[-1]['tokens']:,})"
+        best = min(h, key=lambda point: point["ppl_ratio"])
+        best = f"{best['ppl_ratio']:.3f} ({best['tokens']:,})"
         speed = f"{r['train_tokens_per_s'] or 0:.0f} ({r['tokens_per_s'] or 0:.0f})"
         status = f"in progress at {r['tokens']:,} tokens" if r.get("in_progress") else "finished"
         lines.append(
             f"| {r['active']} of {EXPERTS} ({r['active'] / EXPERTS:.0%}) | {r['data']} | {h[0]['ppl_ratio']:.3f} | "
-            f"{' | '.join(milestone(h, m) for m in MILESTONES)} | {end} | "
+            f"{' | '.join(milestone(h, m) for m in MILESTONES)} | {best} | {end} | "
             f"{docs} | {speed} | {status} |"
         )
     machines = sorted({r["machine"] for r in rows})
