@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from cli.app import app, console, err_console, progress_bar
+from cli.apply_commands import FORMATS
 from cli.checkpoint_commands import CHECKPOINT_HELP
 from cli.config import config_option
 from cli.partition_commands import (
@@ -20,7 +21,6 @@ from cli.partition_commands import (
 )
 
 LIBRARY = "(default: the library's, ConversionSettings)"
-FORMATS = ("metanet", "transformers")
 METHOD_HELP = f"random | kmeans | joint | coact | cmoe | metanet | metanet-data {LIBRARY}."
 ROUTER_HELP = f"centroid | scaled | cmoe | lsq | mlp | metanet {LIBRARY}."
 CALIBRATION_HELP = f"text (--corpus) | generated (windows the model writes itself) | mix (half of each) {LIBRARY}."
