@@ -102,7 +102,7 @@ def convert(
                                    **techniques(sequential, refine, compensate, ridge, output_bias))
     if out_format == "transformers":
         check_transformers_export(ckpt, settings)
-        check_export_destination(out, ckpt.path if ckpt.path.is_dir() else ckpt.path.parent)
+        check_export_destination(ckpt, out)
     else:
         check_destination(ckpt, out)
     net = _metanetwork([settings.method], settings.router, model, tracking_uri)

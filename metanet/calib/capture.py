@@ -62,7 +62,7 @@ def load_model_and_tokenizer(checkpoint: Checkpoint):
         model, tokenizer = _load_gguf(checkpoint.path, model_class)
         log.debug("loaded %s with %s (GGUF dequantised to float32)", checkpoint.path, type(model).__name__)
         return model.eval(), tokenizer
-    folder = checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent
+    folder = checkpoint.folder
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise MetanetError(f"{folder}: running the model on text (calibration, held-out metrics) needs a tokenizer in the checkpoint folder; "
                            "data-free partition and predict work without")

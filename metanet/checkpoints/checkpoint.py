@@ -118,6 +118,11 @@ class Checkpoint:
         for i in range(self.n_layers):
             self._check_layer_headers(i, available)
 
+    @property
+    def folder(self) -> Path:
+        """The folder holding the checkpoint: `path` itself, or the folder of a single-file checkpoint (GGUF)."""
+        return self.path if self.path.is_dir() else self.path.parent
+
     # -- shape of the model ---------------------------------------------------------------
     @property
     def n_layers(self) -> int:

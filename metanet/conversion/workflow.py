@@ -210,7 +210,7 @@ def convert_to_moe(prepared: Prepared, settings: ConversionSettings, out: str | 
         raise MetanetError("convert measures the MoE on held-out text: prepare it with heldout_tokens ≥ 1")
     if out_format == "transformers":
         check_transformers_export(checkpoint, settings)
-        export.check_destination(out, checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent)
+        export.check_destination(checkpoint, out)
     else:
         check_destination(checkpoint, out)
     step = progress or (lambda description, total: lambda: None)

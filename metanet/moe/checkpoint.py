@@ -123,10 +123,9 @@ def apply(
     """
     start = time.perf_counter()
     out = Path(out)
-    source_folder = checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent
     if pad_multiple < 1:
         raise MetanetError(f"pad multiple must be ≥ 1, got {pad_multiple}")
-    _check_destination(out, source_folder)
+    check_destination(checkpoint, out)
     partition.check_layer_count(checkpoint.n_layers)
     parts = dense_parts(checkpoint)
     first_w_in = checkpoint.tensor_names(0)["w_in"]
@@ -203,7 +202,7 @@ def dense_parts(checkpoint: Checkpoint) -> DenseParts:
     """
     ffn_names = {name for i in range(checkpoint.n_layers) for role, name in checkpoint.tensor_names(i).items() if not role.startswith("norm.")}
     if checkpoint.source.format != "gguf":
-        folder = checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent
+        folder = checkpoint.folder
 
         def copy_files(tmp: Path) -> None:
             for name in COPIED_FILES:
@@ -296,12 +295,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def check_destination(checkpoint: Checkpoint, out: str | Path) -> None:
     """What `apply` checks of `out` before it writes anything, for callers that do long work first (metanet convert):
     MetanetError when `out` holds the source or is an existing file or folder that is not an MoE checkpoint."""
-    _check_destination(Path(out), checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent)
-
-
-def _check_destination(out: Path, source_folder: Path) -> None:
-    """Refuse an `out` that holds the source, or an existing file or folder that is not an MoE checkpoint."""
-    check_out_folder(out, source_folder, is_moe_checkpoint, "not an MoE checkpoint")
+    check_out_folder(Path(out), checkpoint.folder, is_moe_checkpoint, "not an MoE checkpoint")
 
 
 def check_out_folder(out: Path, source_folder: Path, replaceable: Callable[[Path], bool], refusal: str) -> None:

@@ -219,9 +219,8 @@ def export_transformers(
     """
     start = time.perf_counter()
     out = Path(out)
-    source_folder = checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent
     n_dense = check_exportable(checkpoint, partition)
-    check_destination(out, source_folder)
+    check_destination(checkpoint, out)
     points = [partition.layer_point(i) for i in range(checkpoint.n_layers)]
     sparse_point = points[n_dense] if n_dense < checkpoint.n_layers else None
     expert_width = sparse_point.expert_width(checkpoint.d_ff) if sparse_point else partition.expert_width
@@ -296,9 +295,9 @@ def verify(folder: Path) -> None:
     del model
 
 
-def check_destination(out: Path, source_folder: Path) -> None:
+def check_destination(checkpoint: Checkpoint, out: str | Path) -> None:
     """Refuse an `out` that holds the source, or an existing non-empty folder that is neither an MoE checkpoint nor an export."""
-    check_out_folder(out, source_folder, lambda folder: is_export(folder) or is_moe_checkpoint(folder),
+    check_out_folder(Path(out), checkpoint.folder, lambda folder: is_export(folder) or is_moe_checkpoint(folder),
                      "neither an MoE checkpoint nor a transformers export")
 
 
