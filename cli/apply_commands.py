@@ -85,7 +85,17 @@ def _export(ckpt, part, checkpoint: str, partition_dir: Path, out: Path, dtype, 
         "partition": f"{part.method}/{part.router}",
         "blocks (dense)": f"{summary['n_layers']} ({summary['dense_blocks']})",
         "experts × width": f"{summary['experts']} × {summary['expert_width']}" if sparse else "-",
-        "active (shared)": f"{summary['active']} ({summary['shared']})" if sparse else "-",
+        "active (shared)": _active_cell(summary) if sparse else "-",
         "dtype": summary["dtype"], "tensors": summary["tensors"], "size_mb": summary["size_mb"],
         "write_s": summary["write_s"], "verify_s": summary["verify_s"], "written": str(out),
     }))
+
+
+def _active_cell(summary: dict) -> str:
+    """k (s) of the sparse blocks, or for a per-block plan the range of k and the zero-expert padding that holds it."""
+    sparse = list(zip(summary["active"], summary["shared"]))[summary["dense_blocks"]:]
+    if len(set(sparse)) == 1:
+        return "{} ({})".format(*sparse[0])
+    actives = [k for k, _ in sparse]
+    return (f"{min(actives)}–{max(actives)} by block (shared ≤ {max(s for _, s in sparse)}); every block runs {summary['experts_per_token']} "
+            f"of {summary['routed_experts']} routed experts, zero experts padding the smaller k")

@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from metanet.checkpoints import open_checkpoint
-from metanet.errors import MetanetError
 from metanet.moe import apply, load, select_experts
 from metanet.moe.export_transformers import ARCHITECTURE, export_transformers
 from metanet.partition import OperatingPoint, Partition
@@ -125,7 +124,8 @@ def test_a_plan_with_a_dense_first_block_and_shared_experts(tiny_models, tmp_pat
     apply(ckpt, part, tmp_path / "moe")
     exported, reference = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval(), load(tmp_path / "moe")
 
-    assert (summary["dense_blocks"], summary["experts"], summary["active"], summary["shared"]) == (1, 11, 5, 2)
+    assert (summary["dense_blocks"], summary["experts"], summary["active"], summary["shared"]) == (1, 11, [11, 5], [0, 2])
+    assert (summary["experts_per_token"], summary["routed_experts"]) == (3, 9)  # no padding: one sparse block
     x = torch.randn(20, 32, generator=torch.Generator().manual_seed(0))
     block, moe = exported.model.layers[1].mlp, reference.model.layers[1].mlp
     assert block.shared_experts.gate_proj.weight.shape == (16, 32) and block.experts.gate_up_proj.shape == (9, 16, 32)
@@ -140,16 +140,23 @@ def test_a_plan_with_a_dense_first_block_and_shared_experts(tiny_models, tmp_pat
 
 
 # -- the carved MoE, in a fresh process ---------------------------------------------------------------
-@pytest.mark.parametrize("shared", [0, 2])
-def test_fresh_process_loads_the_export_and_matches_metanets_moe(trained_lm, shared, tmp_path):
-    """The trained LM at 25% active: plain transformers (no metanet import) loads the folder, computes metanet's MoE
-    to ~1e-4 of the largest logit at most tokens, and greedy decoding gives the same tokens."""
+#: Per-block operating points of the trained LM's two blocks (E=16): one for both, with and without shared experts,
+#: and a plan whose blocks differ in k and s (padded with zero experts: K = 6 routed per token, R = 16 + 6 − 4).
+ROUND_TRIPS = {"k4": [(16, 4, 0)] * 2, "k4-shared2": [(16, 4, 2)] * 2, "plan": [(16, 4, 0), (16, 8, 2)]}
+
+
+@pytest.mark.parametrize("points", ROUND_TRIPS.values(), ids=ROUND_TRIPS.keys())
+def test_fresh_process_loads_the_export_and_matches_metanets_moe(trained_lm, points, tmp_path):
+    """The trained LM at 25% active (or a plan): plain transformers (no metanet import) loads the folder, computes
+    metanet's MoE to ~1e-4 of the largest logit at most tokens, and greedy decoding gives the same tokens."""
     from transformers import AutoTokenizer
 
     ckpt = open_checkpoint(trained_lm)
-    part = make_partition(ckpt, "kmeans", OperatingPoint(16, 4, shared))
+    part = make_partition(ckpt, "kmeans", OperatingPoint(*points[0]))
+    for layer, point in zip(part.layers, points):
+        layer.point = OperatingPoint(*point)
     apply(ckpt, part, tmp_path / "moe")
-    export_transformers(ckpt, part, tmp_path / "hf")
+    summary = export_transformers(ckpt, part, tmp_path / "hf")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)  # copied with the weights
     ids = tokenizer(["ROMEO: What light through yonder window breaks? It is the east, and Juliet is the sun."], return_tensors="pt").input_ids
 
@@ -160,6 +167,9 @@ def test_fresh_process_loads_the_export_and_matches_metanets_moe(trained_lm, sha
     assert name == ARCHITECTURE
     assert errors.median() < 3e-4 and errors.max() < 1e-2, errors
     assert torch.equal(generated, reference_tokens), (tokenizer.decode(generated[0]), tokenizer.decode(reference_tokens[0]))
+    assert summary["active"] == [k for _, k, _ in points]
+    assert summary["experts_per_token"] == max(k - s for _, k, s in points)
+    assert summary["routed_experts"] == 16 + summary["experts_per_token"] - min(k for _, k, _ in points)
 
 
 @pytest.mark.parametrize("biased", [False, True])
@@ -301,29 +311,38 @@ def test_cli_refuses_a_foreign_partition_and_what_glm4_moe_cannot_express(tiny_m
     make_partition(open_checkpoint(mistral.path), "random", OperatingPoint(7, 2)).save(tmp_path / "foreign")
     one_line_error(["apply", str(llama.path), str(tmp_path / "foreign"), "--out", str(tmp_path / "hf"), "--format", "transformers"], "another checkpoint")
 
-    plan = make_partition(ckpt, "random", OperatingPoint(11, 3))
-    plan.layers[1].point = OperatingPoint(11, 5)
-    plan.save(tmp_path / "plan")
-    one_line_error(["apply", str(llama.path), str(tmp_path / "plan"), "--out", str(tmp_path / "hf"), "--format", "transformers"],
-                   "blocks 0 and 1 run different operating points")
-
     compensated = make_partition(ckpt, "random", OperatingPoint(11, 3))
     compensated.layers[0].w_out = torch.randn(32, 88)
     compensated.layers[0].b_out = torch.randn(32)
     compensated.save(tmp_path / "compensated")
     one_line_error(["apply", str(llama.path), str(tmp_path / "compensated"), "--out", str(tmp_path / "hf"), "--format", "transformers"],
                    "output bias b_out")
-    one_line_error(["apply", str(llama.path), str(tmp_path / "plan"), "--out", str(tmp_path / "hf"), "--format", "gguf"], "--format must be one of")
-    assert leftovers(tmp_path) == ["compensated", "foreign", "plan"]
+    one_line_error(["apply", str(llama.path), str(tmp_path / "compensated"), "--out", str(tmp_path / "hf"), "--format", "gguf"], "--format must be one of")
+    assert leftovers(tmp_path) == ["compensated", "foreign"]
 
 
-def test_a_dense_block_after_a_sparse_one_is_refused(tiny_models, tmp_path):
-    ckpt = open_checkpoint(tiny_models["llama"].path)
-    plan = make_partition(ckpt, "random", OperatingPoint(11, 3))
+def test_a_dense_block_after_a_sparse_one_runs_every_expert_weighted_1(tiny_models, tmp_path):
+    """Block 1 runs all 11 experts after a sparse block 0 (k=3), so every block chooses K = 11 routed experts. Block 1's
+    gate chooses its 11 experts and weights each exactly 1: it is the source FFN to float32 rounding. Block 0 chooses its
+    3 experts and the 8 zero experts that pad it to 11, for every token: it is metanet's block to ~1e-3."""
+    from transformers import AutoModelForCausalLM
+
+    tiny = tiny_models["llama"]
+    ckpt = open_checkpoint(tiny.path)
+    plan = make_partition(ckpt, "random", OperatingPoint(11, 3), seed=1)
     plan.layers[1].point = OperatingPoint(11, 11)
-    with pytest.raises(MetanetError, match="block 1 runs every expert but follows sparse block 0"):
-        export_transformers(ckpt, plan, tmp_path / "hf")
-    assert leftovers(tmp_path) == []
+    summary = export_transformers(ckpt, plan, tmp_path / "hf")
+    apply(ckpt, plan, tmp_path / "moe")
+    exported, reference = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval(), load(tmp_path / "moe")
+
+    assert (summary["dense_blocks"], summary["experts_per_token"], summary["routed_experts"]) == (0, 11, 19)
+    x = torch.randn(20, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.model.layers[1].mlp(x), tiny.model.model.layers[1].mlp(x), rtol=1e-5, atol=1e-6)
+        _, weights, chosen = exported.model.layers[0].mlp.gate(x)
+        assert (chosen >= 11).sum(dim=1).tolist() == [8] * 20  # every zero expert of block 0's padding, for every token
+        errors = relative_errors(exported.model.layers[0].mlp(x), reference.model.layers[0].mlp(x))
+    assert (weights - 1).abs().max() < 5e-3 and errors.max() < 5e-3, errors
 
 
 def test_cli_writes_the_folder_and_replaces_an_earlier_export(tiny_models, tmp_path):
@@ -339,7 +358,16 @@ def test_cli_writes_the_folder_and_replaces_an_earlier_export(tiny_models, tmp_p
     assert (config["n_routed_experts"], config["num_experts_per_tok"], config["n_shared_experts"], config["routed_scaling_factor"]) == (5, 2, 1, 2.0)
     assert config["dtype"] == "bfloat16" and leftovers(tmp_path) == ["hf", "part"]
 
+    plan = Partition.load(tmp_path / "part")
+    plan.layers[1].point = OperatingPoint(6, 5, 1)
+    plan.save(tmp_path / "plan")
+    result = runner.invoke(app, ["apply", str(tiny.path), str(tmp_path / "plan"), "--out", str(tmp_path / "hf"), "--format", "transformers"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["n_routed_experts"], config["num_experts_per_tok"], config["metanet_export"]["active"]) == (7, 4, [3, 5])
+    assert "3–5 by block" in result.output
+
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     one_line_error([*args[:4], str(tmp_path / "other"), *args[5:]], "neither an MoE checkpoint nor a transformers export")
-    assert leftovers(tmp_path / "other") == ["notes.txt"]
+    assert leftovers(tmp_path / "other") == ["notes.txt"] and leftovers(tmp_path) == ["hf", "other", "part", "plan"]

@@ -236,12 +236,12 @@ def convert_to_moe(prepared: Prepared, settings: ConversionSettings, out: str | 
 
 
 def check_transformers_export(checkpoint: Checkpoint, settings: ConversionSettings) -> None:
-    """What `convert --format transformers` refuses before converting (one-line MetanetError): a source or a plan
-    GLM-4-MoE cannot express, and compensation with an output bias (its MLPs have none)."""
+    """What `convert --format transformers` refuses before converting (one-line MetanetError): a source GLM-4-MoE
+    cannot express, and compensation with an output bias (its MLPs have none). Any plan is expressible (zero experts
+    pad its blocks to one size: metanet.moe.export_transformers)."""
     from metanet.moe import export_transformers as export
 
     export.check_source(checkpoint)
-    export.check_points([settings.point_of(i) for i in range(checkpoint.n_layers)])
     if settings.compensate and settings.output_bias:
         raise MetanetError(f"--format transformers cannot hold compensation's output bias ({export.ARCHITECTURE}'s MLPs have none): "
                            "compensate with --no-output-bias (the default with this format) or --no-compensate")

@@ -43,9 +43,24 @@ on the trained test LM (README "Writing the MoE checkpoint"): median per-token l
 largest logit, a few tokens up to ~0.1 where a near-tie was swapped, perplexity equal to 0.1%.
 
 Blocks that run every expert (k = E) are dense FFNs; GLM-4-MoE writes the first
-`first_k_dense_replace` blocks as dense MLPs of width `intermediate_size` = f (exact). What it
-cannot express is refused with a one-line MetanetError before anything is written: a dense block
-after a sparse one, sparse blocks with different (E, k, s), an output bias b_out of a
+`first_k_dense_replace` blocks as dense MLPs of width `intermediate_size` = f (exact).
+
+Per-block plans. GLM-4-MoE has one n_routed_experts, num_experts_per_tok and n_shared_experts for every sparse
+block, so a plan's blocks (one E, any k and s; `ExportLayout`) are padded to common sizes with zero experts, which
+write nothing:
+
+    S = max s_b     shared MLP of width S·m; a block with fewer shared experts gets zero neurons     exact
+    K = max (k_b − s_b)   over the sparse blocks (a later block with k = E counts as sparse)
+    block b: K − (k_b − s_b) zero experts that every token chooses (correction bias +1, gate rows 0: σ = 1/2),
+             and zero experts no token chooses (bias −1), up to R = E + K − min_b k_b routed experts
+
+The chosen zero experts carry σ(0) = 1/2, the value the real ones are scaled to carry, so the weights of the real
+experts stay (k−s)·σ/Σσ ≈ 1 with ρ = K. A block where every expert runs writes its routed experts with gate rows 0
+and bias +1: all chosen, all weighted exactly 1. The cost is compute, not quality: engines (and transformers' eager
+loop) run K experts per token in every sparse block, so a plan exports at the cost of its largest k, and the files
+hold the zero experts (R·m·3d weights per block).
+
+What GLM-4-MoE cannot express is refused with a one-line MetanetError before anything is written: an output bias b_out of a
 compensated partition (its MLPs have no biases; `--no-output-bias` compensates without one, at the same
 perplexity on the trained test LM), families other than the gated llama family
 (BERT, GPT-2, GPT-NeoX, OPT keep the metanet format), llama with attention_bias (o_proj bias)
@@ -58,6 +73,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -85,9 +101,8 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 # -- what can be exported ---------------------------------------------------------------------
-def check_exportable(checkpoint: Checkpoint, partition: Partition) -> int:
-    """Raise a one-line MetanetError unless GLM-4-MoE can express `partition` of `checkpoint`; return the number of
-    leading dense blocks (blocks that run every expert, written as dense MLPs)."""
+def check_exportable(checkpoint: Checkpoint, partition: Partition) -> "ExportLayout":
+    """Raise a one-line MetanetError unless GLM-4-MoE can express `partition` of `checkpoint`; return its layout."""
     check_source(checkpoint)
     partition.check_layer_count(checkpoint.n_layers)
     if partition.compensated and any(lp.b_out is not None and bool(lp.b_out.any()) for lp in partition.layers):
@@ -112,37 +127,48 @@ def check_source(checkpoint: Checkpoint) -> None:
                            f"is not in {ARCHITECTURE}; use --format metanet")
 
 
-def check_points(points: list[OperatingPoint]) -> int:
-    """Raise a one-line MetanetError unless GLM-4-MoE can run these per-block operating points: blocks that run every
-    expert first (dense MLPs), then one point for all sparse blocks. Returns the number of dense blocks."""
+@dataclass(frozen=True)
+class ExportLayout:
+    """GLM-4-MoE's one set of MoE sizes for per-block operating points (module docstring, "Per-block plans"):
+    the leading blocks that run every expert are dense MLPs; every later block is padded to S shared experts,
+    K chosen routed experts per token and R routed experts."""
+
+    points: tuple[OperatingPoint, ...]
+    dense_blocks: int
+    experts: int | None = None  # E of every sparse block; None: every block dense
+    shared: int = 0  # S = max s_b
+    experts_per_token: int = 1  # K = max (k_b − s_b)
+    routed_experts: int = 1  # R = E + K − min k_b
+
+    def chosen_padding(self, index: int) -> int:
+        """Zero experts every token of sparse block `index` chooses: K − (k_b − s_b)."""
+        return self.experts_per_token - self.points[index].routed_active
+
+    def unused_padding(self, index: int) -> int:
+        """Zero experts no token of sparse block `index` chooses, after its E − s_b real and its chosen zero ones."""
+        return self.routed_experts - self.points[index].routed - self.chosen_padding(index)
+
+
+def check_points(points: list[OperatingPoint]) -> ExportLayout:
+    """The ExportLayout of these per-block operating points (one E for all: a Partition and a plan have one)."""
     dense = [p.active == p.experts for p in points]
     n_dense = dense.index(False) if False in dense else len(dense)
-    for i, point in enumerate(points[n_dense:], start=n_dense):
-        if dense[i]:
-            raise MetanetError(f"block {i} runs every expert but follows sparse block {n_dense}: {ARCHITECTURE} writes dense FFNs "
-                               "only as the first blocks (first_k_dense_replace); use --format metanet")
-        if point != points[n_dense]:
-            raise MetanetError(f"blocks {n_dense} and {i} run different operating points ({_point(points[n_dense])} and {_point(point)}): "
-                               f"{ARCHITECTURE} has one for all sparse blocks; use --format metanet")
-    return n_dense
-
-
-def _point(point: OperatingPoint) -> str:
-    return f"E={point.experts} k={point.active} s={point.shared}"
+    sparse = points[n_dense:]
+    if not sparse:
+        return ExportLayout(tuple(points), n_dense)
+    experts, chosen = points[n_dense].experts, max(p.routed_active for p in sparse)
+    return ExportLayout(tuple(points), n_dense, experts, max(p.shared for p in sparse), chosen, experts + chosen - min(p.active for p in sparse))
 
 
 # -- config -------------------------------------------------------------------------------------
-def glm4_moe_config(source_config: dict, point: OperatingPoint | None, expert_width: int, n_dense: int, d_ff: int,
-                    dtype: torch.dtype, info: dict) -> dict:
+def glm4_moe_config(source_config: dict, layout: ExportLayout, expert_width: int, d_ff: int, dtype: torch.dtype, info: dict) -> dict:
     """The Glm4MoeConfig (as a dict) of the exported model: the source's attention, norms, rotary, vocabulary and
-    tied embeddings; `point` and `expert_width` for the sparse blocks (None: every block dense)."""
+    tied embeddings; `layout`'s MoE sizes and `expert_width` for the sparse blocks."""
     from transformers import CONFIG_MAPPING, Glm4MoeConfig
 
     source = CONFIG_MAPPING[source_config["model_type"]].from_dict(source_config)  # normalises old rope keys into rope_parameters
     head_dim = getattr(source, "head_dim", None) or source.hidden_size // source.num_attention_heads
     rope = {**dict(source.rope_parameters), "partial_rotary_factor": 1.0}
-    routed_experts = point.routed if point else 1
-    routed_active = point.routed_active if point else 1
     config = Glm4MoeConfig(
         vocab_size=source.vocab_size, hidden_size=source.hidden_size, intermediate_size=d_ff,
         num_hidden_layers=source.num_hidden_layers, num_attention_heads=source.num_attention_heads,
@@ -151,9 +177,9 @@ def glm4_moe_config(source_config: dict, point: OperatingPoint | None, expert_wi
         rms_norm_eps=source.rms_norm_eps, tie_word_embeddings=bool(source.tie_word_embeddings), rope_parameters=rope,
         attention_bias=source_config["model_type"] == "qwen2" or bool(getattr(source, "attention_bias", False)),
         use_qk_norm=source_config["model_type"] == "qwen3", attention_dropout=0.0,
-        moe_intermediate_size=expert_width, n_routed_experts=routed_experts, num_experts_per_tok=routed_active,
-        n_shared_experts=point.shared if point else 0, routed_scaling_factor=float(routed_active),
-        norm_topk_prob=True, n_group=1, topk_group=1, first_k_dense_replace=n_dense, num_mtp_layers=0,
+        moe_intermediate_size=expert_width, n_routed_experts=layout.routed_experts, num_experts_per_tok=layout.experts_per_token,
+        n_shared_experts=layout.shared, routed_scaling_factor=float(layout.experts_per_token),
+        norm_topk_prob=True, n_group=1, topk_group=1, first_k_dense_replace=layout.dense_blocks, num_mtp_layers=0,
         bos_token_id=source.bos_token_id, eos_token_id=source.eos_token_id, pad_token_id=source.pad_token_id,
     )
     config.architectures = [ARCHITECTURE]
@@ -175,27 +201,43 @@ def router_scale(router_weight: torch.Tensor, router_bias: torch.Tensor, norm_we
     return 2.0 ** (ROUTER_RANGE_LOG2 - round(math.log2(spread)))
 
 
-def block_tensors(module: MoEFFN, point: OperatingPoint, dense: bool, dtype: torch.dtype, scale: float = 1.0) -> dict[str, torch.Tensor]:
-    """Block `module.index`'s FFN tensors under their GLM-4-MoE hub names (mapping in the module docstring);
+#: e_score_correction_bias of the zero experts every token chooses, and of those none chooses: σ + bias is in (0, 1)
+#: for every real expert (its bias c/4·b_r is ~2⁻¹²), so ±1 puts these above, or below, all of them.
+CHOSEN_BIAS, UNUSED_BIAS = 1.0, -1.0
+
+
+def block_tensors(module: MoEFFN, layout: ExportLayout, dtype: torch.dtype, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Block `module.index`'s FFN tensors under their GLM-4-MoE hub names (mapping and padding in the module docstring);
     `scale` is the block's router scale c (`router_scale`)."""
-    prefix = f"model.layers.{module.index}.mlp."
+    i = module.index
+    prefix = f"model.layers.{i}.mlp."
     cast = lambda t: t.detach().to(dtype).contiguous()  # noqa: E731
-    if dense:
+    if i < layout.dense_blocks:
         layer = module.to_ffn_layer(original_order=True)
         return {prefix + "gate_proj.weight": cast(layer.w_in), prefix + "up_proj.weight": cast(layer.w_gate),
                 prefix + "down_proj.weight": cast(layer.w_out)}
-    s, (n_experts, m, d) = point.shared, module.w_in.shape
+    point, (n_experts, m, d) = layout.points[i], module.w_in.shape
+    s, pad_shared = point.shared, (layout.shared - point.shared) * m
+    chosen, unused = layout.chosen_padding(i), layout.unused_padding(i)
+    router_weight, router_bias = module.router_weight[s:].detach().float() * scale, module.router_bias[s:].detach().float() * (scale / 4)
+    if point.active == point.experts:  # every routed expert chosen: exactly, and each weighted exactly 1
+        router_weight, router_bias = torch.zeros_like(router_weight), torch.full_like(router_bias, CHOSEN_BIAS)
+    zero_rows = lambda n: torch.zeros(n, d)  # noqa: E731
     tensors = {
-        prefix + "shared_experts.gate_proj.weight": cast(module.w_in[:s].reshape(s * m, d)),
-        prefix + "shared_experts.up_proj.weight": cast(module.w_gate[:s].reshape(s * m, d)),
-        prefix + "shared_experts.down_proj.weight": cast(module.w_out[:s].permute(1, 0, 2).reshape(d, s * m)),
-        prefix + "gate.weight": (module.router_weight[s:].detach().float() * scale).contiguous(),
-        prefix + "gate.e_score_correction_bias": (module.router_bias[s:].detach().float() * (scale / 4)).contiguous(),
+        prefix + "shared_experts.gate_proj.weight": cast(torch.cat([module.w_in[:s].reshape(s * m, d), zero_rows(pad_shared)])),
+        prefix + "shared_experts.up_proj.weight": cast(torch.cat([module.w_gate[:s].reshape(s * m, d), zero_rows(pad_shared)])),
+        prefix + "shared_experts.down_proj.weight": cast(torch.cat([module.w_out[:s].permute(1, 0, 2).reshape(d, s * m), zero_rows(pad_shared).T], 1)),
+        prefix + "gate.weight": torch.cat([router_weight, torch.zeros(chosen + unused, d)]).contiguous(),
+        prefix + "gate.e_score_correction_bias": torch.cat([router_bias, torch.full((chosen,), CHOSEN_BIAS), torch.full((unused,), UNUSED_BIAS)]),
     }
     for e in range(s, n_experts):
         expert = f"{prefix}experts.{e - s}."
         tensors |= {expert + "gate_proj.weight": cast(module.w_in[e]), expert + "up_proj.weight": cast(module.w_gate[e]),
                     expert + "down_proj.weight": cast(module.w_out[e])}
+    for j in range(n_experts - s, layout.routed_experts):
+        expert = f"{prefix}experts.{j}."
+        tensors |= {expert + "gate_proj.weight": cast(zero_rows(m)), expert + "up_proj.weight": cast(zero_rows(m)),
+                    expert + "down_proj.weight": cast(zero_rows(m).T)}
     return tensors
 
 
@@ -219,36 +261,34 @@ def export_transformers(
     """
     start = time.perf_counter()
     out = Path(out)
-    n_dense = check_exportable(checkpoint, partition)
+    layout = check_exportable(checkpoint, partition)
     check_destination(checkpoint, out)
-    points = [partition.layer_point(i) for i in range(checkpoint.n_layers)]
-    sparse_point = points[n_dense] if n_dense < checkpoint.n_layers else None
-    expert_width = sparse_point.expert_width(checkpoint.d_ff) if sparse_point else partition.expert_width
+    expert_width = checkpoint.d_ff // layout.experts if layout.experts else partition.expert_width
     parts = dense_parts(checkpoint)
     first_w_in = checkpoint.tensor_names(0)["w_in"]
     dtype = dtype or checkpoint.source.read([first_w_in])[first_w_in].dtype
     info = {"source": checkpoint.path.name, "source_model_type": checkpoint.config.get("model_type"), "method": partition.method,
-            "router": partition.router, "dense_blocks": n_dense,
-            "experts": sparse_point.experts if sparse_point else None, "active": sparse_point.active if sparse_point else None,
-            "shared": sparse_point.shared if sparse_point else None}
-    config = glm4_moe_config(parts.config, sparse_point, expert_width, n_dense, checkpoint.d_ff, dtype, info)
+            "router": partition.router, "dense_blocks": layout.dense_blocks, "experts": layout.experts,
+            "active": [p.active for p in layout.points], "shared": [p.shared for p in layout.points]}
+    config = glm4_moe_config(parts.config, layout, expert_width, checkpoint.d_ff, dtype, info)
     with staged_folder(out) as tmp:
-        n_tensors = _write(tmp, checkpoint, partition, parts, config, points, n_dense, dtype, progress)
+        n_tensors = _write(tmp, checkpoint, partition, parts, config, layout, dtype, progress)
         written = time.perf_counter()
         verify(tmp)
         verified = time.perf_counter()
         size = sum(path.stat().st_size for path in tmp.iterdir())
-    log.info("wrote and verified the %s folder %s (%d blocks, %d dense, %.1f MB)", ARCHITECTURE, out, checkpoint.n_layers, n_dense, size / 1e6)
+    log.info("wrote and verified the %s folder %s (%d blocks, %d dense, %.1f MB)", ARCHITECTURE, out, checkpoint.n_layers, layout.dense_blocks, size / 1e6)
     return {
-        "out": str(out), "architecture": ARCHITECTURE, "n_layers": checkpoint.n_layers, "dense_blocks": n_dense,
-        "experts": info["experts"], "active": info["active"], "shared": info["shared"], "expert_width": expert_width,
+        "out": str(out), "architecture": ARCHITECTURE, "n_layers": checkpoint.n_layers, "dense_blocks": layout.dense_blocks,
+        "experts": layout.experts, "active": info["active"], "shared": info["shared"], "expert_width": expert_width,
+        "experts_per_token": layout.experts_per_token if layout.experts else None, "routed_experts": layout.routed_experts if layout.experts else None,
         "dtype": str(dtype).removeprefix("torch."), "tensors": n_tensors, "size_mb": round(size / 1e6, 3),
         "write_s": round(written - start, 3), "verify_s": round(verified - written, 3),
     }
 
 
-def _write(tmp: Path, checkpoint: Checkpoint, partition: Partition, parts, config: dict, points: list[OperatingPoint],
-           n_dense: int, dtype: torch.dtype, progress: Callable[[], None] | None) -> int:
+def _write(tmp: Path, checkpoint: Checkpoint, partition: Partition, parts, config: dict, layout: ExportLayout,
+           dtype: torch.dtype, progress: Callable[[], None] | None) -> int:
     """Tokenizer files, one safetensors file for the non-FFN tensors and one per block, the index, and config.json
     (last: it records each block's router scale)."""
     parts.write_files(tmp)
@@ -266,11 +306,11 @@ def _write(tmp: Path, checkpoint: Checkpoint, partition: Partition, parts, confi
     for layer in checkpoint.layers():  # one block in memory at a time
         i = layer.index
         partition.check_matches(i, layer.fingerprint())
-        module = MoEFFN.from_layer(layer, partition.layers[i], points[i])
-        s = points[i].shared
+        module = MoEFFN.from_layer(layer, partition.layers[i], layout.points[i])
+        s = layout.points[i].shared
         scale = router_scale(module.router_weight[s:].detach(), module.router_bias[s:].detach(), None if layer.norm is None else layer.norm.weight)
-        save(block_tensors(module, points[i], i < n_dense, dtype, scale), i + 1)
-        scales.append(None if i < n_dense else scale)
+        save(block_tensors(module, layout, dtype, scale), i + 1)
+        scales.append(None if i < layout.dense_blocks else scale)
         if progress:
             progress()
     config[EXPORT_KEY]["router_scales"] = scales
