@@ -1,4 +1,5 @@
-"""`metanet apply`: write the MoE checkpoint of a partition (grouped experts, routers, every other tensor)."""
+"""`metanet apply`: write the MoE checkpoint of a partition (grouped experts, routers, every other tensor);
+`metanet export`: write an MoE checkpoint (a healed one too) as a transformers-native folder."""
 
 from pathlib import Path
 from typing import Optional
@@ -80,14 +81,46 @@ def _export(ckpt, part, checkpoint: str, partition_dir: Path, out: Path, dtype, 
             summary = export_transformers(ckpt, part, out, dtype, progress=lambda: progress.advance(task))
         log_metrics({key: value for key, value in summary.items() if isinstance(value, (int, float)) and not isinstance(value, bool)})
         log_artifacts(out / "config.json")
+    _print_export(f"{ARCHITECTURE} folder of {checkpoint}", f"{part.method}/{part.router}", summary)
+
+
+@app.command("export")
+def export_command(
+    moe_dir: Path = typer.Argument(..., help="An MoE checkpoint folder written by `metanet apply`, `convert` or `heal`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write (an earlier export or MoE checkpoint there is replaced atomically)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32 for every weight but the routers (default: the checkpoint's own)."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
+) -> None:
+    """Write an MoE checkpoint (healed or not) as a Glm4MoeForCausalLM folder that plain transformers, vLLM and SGLang load (gated llama-family decoders; README)."""
+    from metanet.errors import MetanetError
+    from metanet.moe.checkpoint import DTYPES, read_config
+    from metanet.moe.export_transformers import ARCHITECTURE, export_moe_checkpoint
+    from metanet.tracking import log_artifacts, log_metrics, tracked_run
+
+    if dtype is not None and dtype not in DTYPES:
+        raise MetanetError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    _, moe = read_config(moe_dir)
+    label = f"{moe.get('method')}/{moe.get('router')}"
+    params = {"moe_checkpoint": str(moe_dir), "out": str(out), "dtype": dtype or "stored", "method": moe.get("method"), "router": moe.get("router"),
+              "experts": moe["experts"], "active": moe["active"], "shared": moe["shared"], "format": "transformers"}
+    with tracked_run("export", f"{moe.get('method')}-{moe.get('router')}-transformers", params, tracking_uri):
+        with progress_bar() as progress:
+            task = progress.add_task(f"writing {ARCHITECTURE} blocks", total=moe["n_layers"])
+            summary = export_moe_checkpoint(moe_dir, out, DTYPES.get(dtype), progress=lambda: progress.advance(task))
+        log_metrics({key: value for key, value in summary.items() if isinstance(value, (int, float)) and not isinstance(value, bool)})
+        log_artifacts(out / "config.json")
+    _print_export(f"{ARCHITECTURE} folder of {moe_dir}", label, summary)
+
+
+def _print_export(title: str, partition: str, summary: dict) -> None:
     sparse = summary["experts"] is not None
-    console.print(_summary_table(f"{ARCHITECTURE} folder of {checkpoint}", {
-        "partition": f"{part.method}/{part.router}",
+    console.print(_summary_table(title, {
+        "partition": partition,
         "blocks (dense)": f"{summary['n_layers']} ({summary['dense_blocks']})",
         "experts × width": f"{summary['experts']} × {summary['expert_width']}" if sparse else "-",
         "active (shared)": _active_cell(summary) if sparse else "-",
         "dtype": summary["dtype"], "tensors": summary["tensors"], "size_mb": summary["size_mb"],
-        "write_s": summary["write_s"], "verify_s": summary["verify_s"], "written": str(out),
+        "write_s": summary["write_s"], "verify_s": summary["verify_s"], "written": summary["out"],
     }))
 
 

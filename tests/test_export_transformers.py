@@ -371,3 +371,52 @@ def test_cli_writes_the_folder_and_replaces_an_earlier_export(tiny_models, tmp_p
     (tmp_path / "other" / "notes.txt").write_text("mine")
     one_line_error([*args[:4], str(tmp_path / "other"), *args[5:]], "neither an MoE checkpoint nor a transformers export")
     assert leftovers(tmp_path / "other") == ["notes.txt"] and leftovers(tmp_path) == ["hf", "other", "part", "plan"]
+
+
+# -- metanet export: an MoE checkpoint, healed or not --------------------------------------------------
+def test_a_healed_plan_exports_and_plain_transformers_computes_it(trained_lm, tmp_path):
+    """apply a per-block plan (k = 4 with no shared expert, then k = 8 with 2), heal it for a few hundred tokens (every
+    expert and router moves), `metanet export` the healed folder: plain transformers in a fresh process computes the
+    healed MoE (metanet.moe.load) to ~1e-4 at most tokens (random ids meet a near-tie now and then), greedy decoding
+    gives the same tokens, and the stored experts' padding (16 real neurons of 64 each) is left out."""
+    from metanet.heal import HealSettings, heal
+
+    ckpt = open_checkpoint(trained_lm)
+    part = make_partition(ckpt, "kmeans", OperatingPoint(16, 4))
+    part.layers[1].point = OperatingPoint(16, 8, 2)
+    apply(ckpt, part, tmp_path / "moe")
+    settings = HealSettings(tokens=512, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=1, eval_tokens=256, eval_every=512, checkpoint_every=4)
+    heal(tmp_path / "moe", trained_lm, tmp_path / "healed", settings, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    result = runner.invoke(app, ["export", str(tmp_path / "healed"), "--out", str(tmp_path / "hf"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert result.exit_code == 0, result.output
+
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["moe_intermediate_size"], config["n_shared_experts"], config["num_experts_per_tok"], config["n_routed_experts"]) == (16, 2, 6, 18)
+    assert config["metanet_export"]["moe_checkpoint"] == "healed" and config["metanet_export"]["active"] == [4, 8]
+    ids = token_ids(vocab=config["vocab_size"], shape=(2, 24))
+    name, logits, generated = plain_transformers([tmp_path / "hf"], ids, tmp_path)[tmp_path / "hf"]
+    healed, source = load(tmp_path / "healed"), load(tmp_path / "moe")
+    reference, reference_tokens = logits_and_tokens(healed, ids)
+    errors = relative_errors(logits, reference)
+    assert name == ARCHITECTURE and errors.median() < 3e-4 and (errors < 3e-3).float().mean() > 0.9 and errors.max() < 0.2, errors  # max: a swapped near-tie
+    assert torch.equal(generated, reference_tokens)
+    assert relative_errors(logits_and_tokens(source, ids)[0], reference).median() > 1e-2  # healing moved the model: the export is the healed one
+
+
+def test_export_refuses_what_glm4_moe_cannot_hold_and_writes_nothing(tiny_models, trained_lm, tmp_path):
+    bert = open_checkpoint(tiny_models["bert"].path)
+    apply(bert, make_partition(bert, "random", OperatingPoint(10, 2)), tmp_path / "bert-moe")
+    one_line_error(["export", str(tmp_path / "bert-moe"), "--out", str(tmp_path / "hf")], "is an encoder: no transformers MoE class matches it")
+
+    llama = open_checkpoint(trained_lm)
+    compensated = make_partition(llama, "kmeans", OperatingPoint(16, 4))
+    for i, layer in enumerate(compensated.layers):
+        layer.w_out, layer.b_out = llama.layer(i).w_out.clone(), torch.full((llama.d_model,), 0.01)
+    apply(llama, compensated, tmp_path / "compensated")
+    one_line_error(["export", str(tmp_path / "compensated"), "--out", str(tmp_path / "hf")], "holds compensation's output bias b_out")
+    apply(llama, make_partition(llama, "kmeans", OperatingPoint(16, 4)), tmp_path / "moe")
+    one_line_error(["export", str(tmp_path / "moe"), "--out", str(tmp_path / "moe")], "holds the source checkpoint")
+    one_line_error(["export", str(tmp_path / "moe"), "--out", str(tmp_path / "bert-moe" / "..")], "holds the source checkpoint")
+    one_line_error(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "hf")], "no such folder")
+    one_line_error(["export", str(tmp_path / "moe"), "--out", str(tmp_path / "hf"), "--dtype", "int8"], "--dtype must be one of")
+    assert leftovers(tmp_path) == ["bert-moe", "compensated", "moe"]

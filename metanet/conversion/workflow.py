@@ -241,7 +241,7 @@ def check_transformers_export(checkpoint: Checkpoint, settings: ConversionSettin
     pad its blocks to one size: metanet.moe.export_transformers)."""
     from metanet.moe import export_transformers as export
 
-    export.check_source(checkpoint)
+    export.check_source(checkpoint.config, checkpoint.family.name, checkpoint.path.name)
     if settings.compensate and settings.output_bias:
         raise MetanetError(f"--format transformers cannot hold compensation's output bias ({export.ARCHITECTURE}'s MLPs have none): "
                            "compensate with --no-output-bias (the default with this format) or --no-compensate")

@@ -39,7 +39,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -202,15 +202,8 @@ def dense_parts(checkpoint: Checkpoint) -> DenseParts:
     """
     ffn_names = {name for i in range(checkpoint.n_layers) for role, name in checkpoint.tensor_names(i).items() if not role.startswith("norm.")}
     if checkpoint.source.format != "gguf":
-        folder = checkpoint.folder
-
-        def copy_files(tmp: Path) -> None:
-            for name in COPIED_FILES:
-                if (folder / name).is_file():
-                    shutil.copy2(folder / name, tmp / name)
-
         dense_names = [name for name in checkpoint.source.names() if name not in ffn_names]
-        return DenseParts(dict(checkpoint.config), lambda: checkpoint.source.read(dense_names), copy_files)
+        return DenseParts(dict(checkpoint.config), lambda: checkpoint.source.read(dense_names), _file_copier(checkpoint.folder))
 
     model, tokenizer = load_model_and_tokenizer(checkpoint)
     config = model.config.to_dict()
@@ -231,6 +224,17 @@ def dense_parts(checkpoint: Checkpoint) -> DenseParts:
         generation_config.save_pretrained(tmp)
 
     return DenseParts(config, lambda: tensors, save_files)
+
+
+def _file_copier(folder: Path) -> Callable[[Path], None]:
+    """Copies the COPIED_FILES `folder` has into another folder."""
+
+    def copy_files(tmp: Path) -> None:
+        for name in COPIED_FILES:
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, tmp / name)
+
+    return copy_files
 
 
 def _write(tmp: Path, checkpoint: Checkpoint, partition: Partition, section: dict, parts: DenseParts,
@@ -371,24 +375,43 @@ def _read_model(folder: Path, dtype: torch.dtype | None, source: Path, device: s
     besides the rest of the model); the rest of the model stays on the CPU."""
     config, moe = read_config(folder)
     checksums = _read_checksums(folder, moe)
+    dtype = dtype or getattr(torch, moe["dtype"])
+    modules = [module.to(device) for module in read_layers(folder, dtype)]
+    dense = _read_verified(folder / DENSE_FILE, checksums[DENSE_FILE])
+    model = _build_model(config, family_for(config), dense, modules, dtype, source)
+    log.info("loaded the MoE checkpoint %s: %d %s layers, E=%d, k=%d, %s", folder, len(modules), family_for(config).name, moe["experts"], moe["active"], _dtype_name(dtype))
+    return model
+
+
+def layer_points(moe: dict) -> list[OperatingPoint]:
+    """Each block's operating point from an MoE checkpoint's moe section (format 1 without `layers`: the nominal one)."""
+    point = OperatingPoint(moe["experts"], moe["active"], moe["shared"])
+    rows = moe.get("layers") or [{}] * moe["n_layers"]
+    return [OperatingPoint(row.get("experts", point.experts), row.get("active", point.active), row.get("shared", point.shared)) for row in rows]
+
+
+def read_layers(folder: str | Path, dtype: torch.dtype | None = None) -> Iterator[MoEFFN]:
+    """The MoEFFN of each block of the MoE checkpoint in `folder`, one at a time, every tensor checked against
+    checksums.json; experts cast to `dtype` (None: as stored), routers float32."""
+    folder = Path(folder)
+    config, moe = read_config(folder)
+    checksums = _read_checksums(folder, moe)
     family = family_for(config)
     layout = family.layout(config)
     if layout.n_layers != moe["n_layers"]:
         raise MetanetError(f"{folder}: config.json describes {layout.n_layers} layers, its moe section {moe['n_layers']}")
     dtype = dtype or getattr(torch, moe["dtype"])
-    point = OperatingPoint(moe["experts"], moe["active"], moe["shared"])
-    rows = moe.get("layers") or [{}] * layout.n_layers  # each block's own point (format 1 without `layers`: the nominal one)
-    output_bias = bool(moe.get("output_bias"))
-    modules = [
-        _moe_module(_read_verified(folder / layer_file(i), checksums[layer_file(i)]), i, layout, family.name,
-                    OperatingPoint(row.get("experts", point.experts), row.get("active", point.active), row.get("shared", point.shared)),
-                    dtype, output_bias).to(device)
-        for i, row in enumerate(rows)
-    ]
-    dense = _read_verified(folder / DENSE_FILE, checksums[DENSE_FILE])
-    model = _build_model(config, family, dense, modules, dtype, source)
-    log.info("loaded the MoE checkpoint %s: %d %s layers, E=%d, k=%d, %s", folder, len(modules), family.name, point.experts, point.active, _dtype_name(dtype))
-    return model
+    for i, point in enumerate(layer_points(moe)):
+        yield _moe_module(_read_verified(folder / layer_file(i), checksums[layer_file(i)]), i, layout, family.name, point, dtype, bool(moe.get("output_bias")))
+
+
+def dense_parts_of(folder: str | Path) -> DenseParts:
+    """The config (without its moe section), the non-FFN tensors (checked against checksums.json) and the tokenizer and
+    generation files of the MoE checkpoint in `folder`: what `dense_parts` gives of a source checkpoint."""
+    folder = Path(folder)
+    config, moe = read_config(folder)
+    checksums = _read_checksums(folder, moe)
+    return DenseParts(config, lambda: _read_verified(folder / DENSE_FILE, checksums[DENSE_FILE]), _file_copier(folder))
 
 
 def _read_checksums(folder: Path, moe: dict) -> dict[str, dict[str, str]]:

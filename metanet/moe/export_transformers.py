@@ -73,9 +73,9 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -83,7 +83,10 @@ from safetensors.torch import save_file
 from metanet.atomic import staged_folder
 from metanet.checkpoints import Checkpoint
 from metanet.errors import MetanetError
-from metanet.moe.checkpoint import check_out_folder, dense_parts, is_moe_checkpoint
+from metanet.checkpoints.families import family_for
+from metanet.moe.checkpoint import (
+    DenseParts, check_out_folder, dense_parts, dense_parts_of, is_moe_checkpoint, layer_points, read_config, read_layers,
+)
 from metanet.moe.module import MoEFFN
 from metanet.partition.partition import OperatingPoint, Partition
 
@@ -103,7 +106,7 @@ INDEX_FILE = "model.safetensors.index.json"
 # -- what can be exported ---------------------------------------------------------------------
 def check_exportable(checkpoint: Checkpoint, partition: Partition) -> "ExportLayout":
     """Raise a one-line MetanetError unless GLM-4-MoE can express `partition` of `checkpoint`; return its layout."""
-    check_source(checkpoint)
+    check_source(checkpoint.config, checkpoint.family.name, checkpoint.path.name)
     partition.check_layer_count(checkpoint.n_layers)
     if partition.compensated and any(lp.b_out is not None and bool(lp.b_out.any()) for lp in partition.layers):
         raise MetanetError(f"the partition is compensated with an output bias b_out, which {ARCHITECTURE}'s MLPs cannot hold; "
@@ -111,19 +114,19 @@ def check_exportable(checkpoint: Checkpoint, partition: Partition) -> "ExportLay
     return check_points([partition.layer_point(i) for i in range(checkpoint.n_layers)])
 
 
-def check_source(checkpoint: Checkpoint) -> None:
-    """Raise a one-line MetanetError unless GLM-4-MoE has `checkpoint`'s attention, norms and FFN kind."""
-    config = checkpoint.config
+def check_source(config: dict, family: str, name: str) -> None:
+    """Raise a one-line MetanetError unless GLM-4-MoE has the attention, norms and FFN kind of the model whose
+    transformers `config` and metanet `family` are given; `name` names it in the message."""
     model_type = config.get("model_type")
-    if checkpoint.family.name != "llama":
-        kind = "an encoder" if checkpoint.family.name == "bert" else f"a non-gated {checkpoint.family.name} FFN"
+    if family != "llama":
+        kind = "an encoder" if family == "bert" else f"a non-gated {family} FFN"
         raise MetanetError(f"--format transformers needs a gated llama-family decoder (llama, mistral, qwen2, qwen3); "
-                           f"{checkpoint.path.name} is {kind}: no transformers MoE class matches it, use --format metanet")
+                           f"{name} is {kind}: no transformers MoE class matches it, use --format metanet")
     if model_type in ("llama", "qwen3") and config.get("attention_bias"):
-        raise MetanetError(f"{checkpoint.path.name}: {model_type} with attention_bias=true has an o_proj bias that {ARCHITECTURE} lacks; use --format metanet")
+        raise MetanetError(f"{name}: {model_type} with attention_bias=true has an o_proj bias that {ARCHITECTURE} lacks; use --format metanet")
     window = config.get("sliding_window") if model_type == "mistral" or config.get("use_sliding_window") else None
     if window is not None and window < config.get("max_position_embeddings", 0):
-        raise MetanetError(f"{checkpoint.path.name}: sliding-window attention (window {window} < {config.get('max_position_embeddings')} positions) "
+        raise MetanetError(f"{name}: sliding-window attention (window {window} < {config.get('max_position_embeddings')} positions) "
                            f"is not in {ARCHITECTURE}; use --format metanet")
 
 
@@ -206,9 +209,10 @@ def router_scale(router_weight: torch.Tensor, router_bias: torch.Tensor, norm_we
 CHOSEN_BIAS, UNUSED_BIAS = 1.0, -1.0
 
 
-def block_tensors(module: MoEFFN, layout: ExportLayout, dtype: torch.dtype, scale: float = 1.0) -> dict[str, torch.Tensor]:
+def block_tensors(module: MoEFFN, layout: ExportLayout, expert_width: int, dtype: torch.dtype, scale: float = 1.0) -> dict[str, torch.Tensor]:
     """Block `module.index`'s FFN tensors under their GLM-4-MoE hub names (mapping and padding in the module docstring);
-    `scale` is the block's router scale c (`router_scale`)."""
+    `scale` is the block's router scale c (`router_scale`). Each expert's first `expert_width` neurons are its own: the
+    pad neurons an MoE checkpoint appends (MoEFFN.from_layer's pad_to) are left out."""
     i = module.index
     prefix = f"model.layers.{i}.mlp."
     cast = lambda t: t.detach().to(dtype).contiguous()  # noqa: E731
@@ -216,24 +220,28 @@ def block_tensors(module: MoEFFN, layout: ExportLayout, dtype: torch.dtype, scal
         layer = module.to_ffn_layer(original_order=True)
         return {prefix + "gate_proj.weight": cast(layer.w_in), prefix + "up_proj.weight": cast(layer.w_gate),
                 prefix + "down_proj.weight": cast(layer.w_out)}
-    point, (n_experts, m, d) = layout.points[i], module.w_in.shape
+    point, m, d = layout.points[i], expert_width, module.d_model
+    n_experts = module.n_experts
+    if bool((module.order.view(n_experts, -1)[:, :m] < 0).any()):
+        raise MetanetError(f"block {i}: an expert has fewer than {m} neurons before its padding; the MoE checkpoint is not one metanet wrote")
     s, pad_shared = point.shared, (layout.shared - point.shared) * m
     chosen, unused = layout.chosen_padding(i), layout.unused_padding(i)
     router_weight, router_bias = module.router_weight[s:].detach().float() * scale, module.router_bias[s:].detach().float() * (scale / 4)
     if point.active == point.experts:  # every routed expert chosen: exactly, and each weighted exactly 1
         router_weight, router_bias = torch.zeros_like(router_weight), torch.full_like(router_bias, CHOSEN_BIAS)
     zero_rows = lambda n: torch.zeros(n, d)  # noqa: E731
+    w_in, w_gate, w_out = module.w_in[:, :m], module.w_gate[:, :m], module.w_out[:, :, :m]  # [E, m, d], [E, m, d], [E, d, m]
     tensors = {
-        prefix + "shared_experts.gate_proj.weight": cast(torch.cat([module.w_in[:s].reshape(s * m, d), zero_rows(pad_shared)])),
-        prefix + "shared_experts.up_proj.weight": cast(torch.cat([module.w_gate[:s].reshape(s * m, d), zero_rows(pad_shared)])),
-        prefix + "shared_experts.down_proj.weight": cast(torch.cat([module.w_out[:s].permute(1, 0, 2).reshape(d, s * m), zero_rows(pad_shared).T], 1)),
+        prefix + "shared_experts.gate_proj.weight": cast(torch.cat([w_in[:s].reshape(s * m, d), zero_rows(pad_shared)])),
+        prefix + "shared_experts.up_proj.weight": cast(torch.cat([w_gate[:s].reshape(s * m, d), zero_rows(pad_shared)])),
+        prefix + "shared_experts.down_proj.weight": cast(torch.cat([w_out[:s].permute(1, 0, 2).reshape(d, s * m), zero_rows(pad_shared).T], 1)),
         prefix + "gate.weight": torch.cat([router_weight, torch.zeros(chosen + unused, d)]).contiguous(),
         prefix + "gate.e_score_correction_bias": torch.cat([router_bias, torch.full((chosen,), CHOSEN_BIAS), torch.full((unused,), UNUSED_BIAS)]),
     }
     for e in range(s, n_experts):
         expert = f"{prefix}experts.{e - s}."
-        tensors |= {expert + "gate_proj.weight": cast(module.w_in[e]), expert + "up_proj.weight": cast(module.w_gate[e]),
-                    expert + "down_proj.weight": cast(module.w_out[e])}
+        tensors |= {expert + "gate_proj.weight": cast(w_in[e]), expert + "up_proj.weight": cast(w_gate[e]),
+                    expert + "down_proj.weight": cast(w_out[e])}
     for j in range(n_experts - s, layout.routed_experts):
         expert = f"{prefix}experts.{j}."
         tensors |= {expert + "gate_proj.weight": cast(zero_rows(m)), expert + "up_proj.weight": cast(zero_rows(m)),
@@ -259,27 +267,66 @@ def export_transformers(
     none left over, shapes as the config says), and only then renamed to `out`; on any failure nothing
     is left behind. `dtype` casts every weight but the routers (float32); None keeps the source's.
     """
-    start = time.perf_counter()
-    out = Path(out)
     layout = check_exportable(checkpoint, partition)
     check_destination(checkpoint, out)
-    expert_width = checkpoint.d_ff // layout.experts if layout.experts else partition.expert_width
-    parts = dense_parts(checkpoint)
     first_w_in = checkpoint.tensor_names(0)["w_in"]
     dtype = dtype or checkpoint.source.read([first_w_in])[first_w_in].dtype
-    info = {"source": checkpoint.path.name, "source_model_type": checkpoint.config.get("model_type"), "method": partition.method,
-            "router": partition.router, "dense_blocks": layout.dense_blocks, "experts": layout.experts,
-            "active": [p.active for p in layout.points], "shared": [p.shared for p in layout.points]}
-    config = glm4_moe_config(parts.config, layout, expert_width, checkpoint.d_ff, dtype, info)
+
+    def blocks() -> Iterator[tuple[MoEFFN, torch.Tensor | None]]:
+        for layer in checkpoint.layers():  # one block in memory at a time
+            partition.check_matches(layer.index, layer.fingerprint())
+            yield MoEFFN.from_layer(layer, partition.layers[layer.index], layout.points[layer.index]), None if layer.norm is None else layer.norm.weight
+
+    info = {"source": checkpoint.path.name, "source_model_type": checkpoint.config.get("model_type"), "method": partition.method, "router": partition.router}
+    return _export(Path(out), dense_parts(checkpoint), layout, checkpoint.d_ff, blocks(), dtype, info, progress)
+
+
+def export_moe_checkpoint(moe_dir: str | Path, out: str | Path, dtype: torch.dtype | None = None, progress: Callable[[], None] | None = None) -> dict:
+    """Write the metanet MoE checkpoint `moe_dir` (from `apply`, `convert` or `heal`: its experts and routers as they
+    are, healed ones included) as a GLM-4-MoE folder `out`, as `export_transformers` writes a partition; returns its
+    summary. Refused before anything is written: what GLM-4-MoE cannot express (`check_source`, an output bias),
+    an `out` that is `moe_dir` or another folder than an MoE checkpoint or an earlier export."""
+    moe_dir, out = Path(moe_dir), Path(out)
+    config, moe = read_config(moe_dir)
+    check_source(config, family_for(config).name, moe_dir.name)
+    if moe.get("output_bias"):
+        raise MetanetError(f"{moe_dir.name} holds compensation's output bias b_out, which {ARCHITECTURE}'s MLPs cannot hold; "
+                           "convert again with --no-output-bias, or keep the metanet format")
+    layout = check_points(layer_points(moe))
+    check_out_folder(out, moe_dir, _replaceable, REFUSAL)
+    parts = dense_parts_of(moe_dir)
+    norm_pattern = family_for(config).layout(config).patterns.get("norm.weight")
+    dense = parts.read_tensors()
+
+    def norm_weight(i: int) -> torch.Tensor | None:
+        suffix = None if norm_pattern is None else norm_pattern.format(i=i)
+        return next((tensor for name, tensor in dense.items() if suffix and name.endswith(suffix)), None)
+
+    blocks = ((module, norm_weight(module.index)) for module in read_layers(moe_dir))
+    info = {"source": moe.get("source"), "source_model_type": config.get("model_type"), "method": moe.get("method"), "router": moe.get("router"),
+            "moe_checkpoint": moe_dir.name}
+    return _export(out, replace(parts, read_tensors=lambda: dense), layout, moe["d_ff"], blocks, dtype or getattr(torch, moe["dtype"]), info, progress)
+
+
+def _export(out: Path, parts: DenseParts, layout: ExportLayout, d_ff: int, blocks: Iterator[tuple[MoEFFN, torch.Tensor | None]],
+            dtype: torch.dtype, info: dict, progress: Callable[[], None] | None) -> dict:
+    """The folder of `export_transformers` from the source's dense parts and each block's MoEFFN with the weight of the
+    RMSNorm before it (for its router scale), written beside `out`, verified, then renamed; returns the summary."""
+    start = time.perf_counter()
+    expert_width = d_ff // layout.experts if layout.experts else d_ff
+    info |= {"dense_blocks": layout.dense_blocks, "experts": layout.experts, "active": [p.active for p in layout.points],
+             "shared": [p.shared for p in layout.points]}
+    config = glm4_moe_config(parts.config, layout, expert_width, d_ff, dtype, info)
     with staged_folder(out) as tmp:
-        n_tensors = _write(tmp, checkpoint, partition, parts, config, layout, dtype, progress)
+        n_tensors = _write(tmp, parts, config, layout, blocks, expert_width, dtype, progress)
         written = time.perf_counter()
         verify(tmp)
         verified = time.perf_counter()
         size = sum(path.stat().st_size for path in tmp.iterdir())
-    log.info("wrote and verified the %s folder %s (%d blocks, %d dense, %.1f MB)", ARCHITECTURE, out, checkpoint.n_layers, layout.dense_blocks, size / 1e6)
+    n_layers = len(layout.points)
+    log.info("wrote and verified the %s folder %s (%d blocks, %d dense, %.1f MB)", ARCHITECTURE, out, n_layers, layout.dense_blocks, size / 1e6)
     return {
-        "out": str(out), "architecture": ARCHITECTURE, "n_layers": checkpoint.n_layers, "dense_blocks": layout.dense_blocks,
+        "out": str(out), "architecture": ARCHITECTURE, "n_layers": n_layers, "dense_blocks": layout.dense_blocks,
         "experts": layout.experts, "active": info["active"], "shared": info["shared"], "expert_width": expert_width,
         "experts_per_token": layout.experts_per_token if layout.experts else None, "routed_experts": layout.routed_experts if layout.experts else None,
         "dtype": str(dtype).removeprefix("torch."), "tensors": n_tensors, "size_mb": round(size / 1e6, 3),
@@ -287,12 +334,12 @@ def export_transformers(
     }
 
 
-def _write(tmp: Path, checkpoint: Checkpoint, partition: Partition, parts, config: dict, layout: ExportLayout,
-           dtype: torch.dtype, progress: Callable[[], None] | None) -> int:
+def _write(tmp: Path, parts: DenseParts, config: dict, layout: ExportLayout, blocks: Iterator[tuple[MoEFFN, torch.Tensor | None]],
+           expert_width: int, dtype: torch.dtype, progress: Callable[[], None] | None) -> int:
     """Tokenizer files, one safetensors file for the non-FFN tensors and one per block, the index, and config.json
     (last: it records each block's router scale)."""
     parts.write_files(tmp)
-    n_files = checkpoint.n_layers + 1
+    n_files = len(layout.points) + 1
     name = lambda j: f"model-{j + 1:05d}-of-{n_files:05d}.safetensors"  # noqa: E731
     weight_map, total, scales = {}, 0, []
 
@@ -303,13 +350,10 @@ def _write(tmp: Path, checkpoint: Checkpoint, partition: Partition, parts, confi
         total += sum(t.numel() * t.element_size() for t in tensors.values())
 
     save({key: (t.to(dtype) if t.is_floating_point() else t).contiguous() for key, t in parts.read_tensors().items()}, 0)
-    for layer in checkpoint.layers():  # one block in memory at a time
-        i = layer.index
-        partition.check_matches(i, layer.fingerprint())
-        module = MoEFFN.from_layer(layer, partition.layers[i], layout.points[i])
-        s = layout.points[i].shared
-        scale = router_scale(module.router_weight[s:].detach(), module.router_bias[s:].detach(), None if layer.norm is None else layer.norm.weight)
-        save(block_tensors(module, layout, dtype, scale), i + 1)
+    for module, norm_weight in blocks:
+        i, s = module.index, layout.points[module.index].shared
+        scale = router_scale(module.router_weight[s:].detach(), module.router_bias[s:].detach(), norm_weight)
+        save(block_tensors(module, layout, expert_width, dtype, scale), i + 1)
         scales.append(None if i < layout.dense_blocks else scale)
         if progress:
             progress()
@@ -335,10 +379,16 @@ def verify(folder: Path) -> None:
     del model
 
 
+REFUSAL = "neither an MoE checkpoint nor a transformers export"
+
+
 def check_destination(checkpoint: Checkpoint, out: str | Path) -> None:
     """Refuse an `out` that holds the source, or an existing non-empty folder that is neither an MoE checkpoint nor an export."""
-    check_out_folder(Path(out), checkpoint.folder, lambda folder: is_export(folder) or is_moe_checkpoint(folder),
-                     "neither an MoE checkpoint nor a transformers export")
+    check_out_folder(Path(out), checkpoint.folder, _replaceable, REFUSAL)
+
+
+def _replaceable(folder: Path) -> bool:
+    return is_export(folder) or is_moe_checkpoint(folder)
 
 
 def is_export(folder: Path) -> bool:
