@@ -99,3 +99,38 @@ def test_partition_with_calibration_and_apply_from_the_gguf_give_a_moe_checkpoin
     generated = loaded.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert generated.shape == (1, prompt.shape[1] + 8)
     assert torch.equal(generated, model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False))
+
+
+def test_the_transformers_export_of_a_plan_is_exact_where_it_can_be_and_routes_like_metanet(smollm2, heldout, tmp_path):
+    """SmolLM2 as GLM-4-MoE (metanet.moe.export_transformers), a per-block plan: blocks 0–1 dense (written as dense
+    MLPs), k = 8 or 4 of 16 with 2 shared in the middle, block 29 every expert after sparse ones. The exported folder
+    loads with plain transformers; its dense blocks and block 29 are the source FFNs to float32 rounding, and every
+    sparse block chooses metanet's experts for ≥ 99% of real tokens with weights within 1% of 1. (Whole-model figures:
+    benchmarks/results/real-llm.md.)"""
+    from transformers import AutoModelForCausalLM
+
+    from metanet.moe import select_experts
+    from metanet.moe.export_transformers import export_transformers
+    from metanet.partition import OperatingPoint
+    from metanet.partition.make import make_partition
+
+    checkpoint, model, tokenizer = smollm2
+    part = make_partition(checkpoint, "kmeans", OperatingPoint(16, 8, 2))
+    for i, layer in enumerate(part.layers):
+        layer.point = OperatingPoint(16, 16) if i in (0, 1, 29) else OperatingPoint(16, 8 if i % 2 else 4, 2)
+    summary = export_transformers(checkpoint, part, tmp_path / "hf")
+    assert (summary["dense_blocks"], summary["experts_per_token"], summary["routed_experts"]) == (2, 16, 28)  # block 29: K = 16 − 0
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    inputs = capture_ffn_inputs(model, "llama", tokenize_documents(tokenizer, heldout, 256, seq_len=128)).layers  # block → [256, d]
+    with torch.no_grad():
+        for i in (0, 1, 29):
+            torch.testing.assert_close(exported.model.layers[i].mlp(inputs[i]), model.model.layers[i].mlp(inputs[i]), rtol=1e-4, atol=1e-4)
+        for i in range(2, 29):
+            point = part.layer_point(i)
+            expected = select_experts(part.layers[i].scores(inputs[i]), point)[:, 2:]  # routed experts
+            _, weights, chosen = exported.model.layers[i].mlp.gate(inputs[i])
+            got = torch.zeros(len(chosen), summary["routed_experts"], dtype=torch.bool).scatter_(1, chosen, True)
+            assert got[:, 14:].sum(dim=1).eq(16 - point.routed_active).all()  # the zero experts padding block i to K = 16
+            assert (got[:, :14] == expected).all(dim=1).float().mean() >= 0.99, i
+            assert (weights - 1).abs().max() < 1e-2, i
