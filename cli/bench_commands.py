@@ -1,4 +1,4 @@
-"""`metanet bench`: how much faster an MoE checkpoint runs than the dense model it came from, here."""
+"""`metanet bench`: how much faster an MoE checkpoint (or its transformers export) runs than the dense model it came from, here."""
 
 import json
 import tempfile
@@ -13,7 +13,7 @@ from cli.partition_commands import CORPUS_HELP, TRACKING_HELP, _summary_table
 
 @app.command("bench")
 def bench_command(
-    moe_dir: Path = typer.Argument(..., help="An MoE checkpoint folder written by `metanet apply` (or `metanet heal`)."),
+    moe_dir: Path = typer.Argument(..., help="An MoE checkpoint folder written by `metanet apply` (or `heal`), or a transformers export (`metanet export`)."),
     tokens: str = typer.Option("1,8,64,512", "--tokens", help="Comma-separated tokens per FFN call T (decode is 1, prefill hundreds)."),
     new_tokens: int = typer.Option(32, "--new-tokens", help="Tokens generated end to end (causal LMs)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
@@ -29,8 +29,9 @@ def bench_command(
     from metanet.errors import MetanetError
     from metanet.eval.plots import plot_speedup
     from metanet.device import resolve_device
-    from metanet.eval.speed import check_counts, measure_speed
+    from metanet.eval.speed import check_counts, exported_reference, measure_speed
     from metanet.moe.checkpoint import DTYPES, read_config
+    from metanet.moe.export_transformers import is_export
     from metanet.tracking import log_artifacts, log_metrics, tracked_run
 
     try:
@@ -40,7 +41,10 @@ def bench_command(
     if dtype is not None and dtype not in DTYPES:
         raise MetanetError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     check_counts(counts, new_tokens)  # bad input is refused before a run is logged
-    read_config(moe_dir)
+    if is_export(moe_dir):
+        exported_reference(moe_dir, dense)  # its dense FFNs come from the source: refused here when it is gone
+    else:
+        read_config(moe_dir)  # MetanetError unless an MoE checkpoint
     resolve_device(device)
     if dense is not None:
         open_checkpoint(dense)
@@ -65,7 +69,9 @@ def bench_command(
             plot = plot_speedup(result["ffn"], Path(tmp) / "speedup.png", f"{moe_dir.name} on {result['device']} ({result['dtype']})")
             log_artifacts(Path(tmp) / "bench.json", plot)
 
-    table = Table(title=f"FFN time, all {result['layers']} layers: {moe_dir.name} (E={result['experts']}, k={result['active']}) "
+    active = result["active"]
+    k = f"{min(active)}–{max(active)} by block" if isinstance(active, list) and len(set(active)) > 1 else active[0] if isinstance(active, list) else active
+    table = Table(title=f"FFN time, all {result['layers']} layers: {moe_dir.name} ({result['format']}, E={result['experts']}, k={k}) "
                         f"on {result['device']}, {result['dtype']}")
     graphs = any("graph_speedup" in row for row in result["ffn"])  # CUDA, T ≤ 16: also replayed as CUDA graphs
     for column in ("T", "dense ms", "MoE ms", "speed-up", *(("CUDA-graph speed-up",) if graphs else ()), "path"):
@@ -93,10 +99,10 @@ def _steps_rows(e2e: dict) -> dict:
     """Summary rows of the static-cache decode steps (causal LMs): tokens/s and their speed-up when comparable."""
     if "moe_steps" not in e2e:
         return {}
-    how = "CUDA graph" if e2e["moe_steps"]["graph"] else "eager"
-    rows = {f"MoE decode steps tokens/s ({how})": e2e["moe_steps"]["tokens_per_s"]}
+    how = lambda steps: "CUDA graph" if steps["graph"] else "eager"  # noqa: E731
+    rows = {f"MoE decode steps tokens/s ({how(e2e['moe_steps'])})": e2e["moe_steps"]["tokens_per_s"]}
     if "dense_steps" in e2e:
-        rows[f"dense decode steps tokens/s ({how})"] = e2e["dense_steps"]["tokens_per_s"]
+        rows[f"dense decode steps tokens/s ({how(e2e['dense_steps'])})"] = e2e["dense_steps"]["tokens_per_s"]
         rows["steps speed-up"] = (f"{e2e['steps_speedup']:.2f}×" if "steps_speedup" in e2e
-                                  else "not comparable: static-cache steps do not reproduce generate's tokens for this family")
+                                  else "not comparable: the steps ran differently (CUDA graph and eager) or do not reproduce generate's tokens for this family")
     return rows

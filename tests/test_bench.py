@@ -101,3 +101,30 @@ def test_bench_refuses_bad_input_with_one_line_and_logs_nothing(trained_lm, tmp_
         assert_one_line_error(runner.invoke(app, ["bench", *args]), expected)
     _, after = bench_runs()
     assert len(after) == len(before)
+
+
+def test_bench_times_a_transformers_export_against_the_dense_source(trained_lm, tmp_path):
+    """A GLM-4-MoE export: each block's transformers MoE module against the source's dense FFN, generation end to end."""
+    from metanet.moe.export_transformers import export_transformers
+
+    checkpoint = open_checkpoint(trained_lm)
+    export_transformers(checkpoint, make_partition(checkpoint, "kmeans", OperatingPoint(16, 4)), tmp_path / "hf")
+
+    result = runner.invoke(app, ["bench", str(tmp_path / "hf"), "--tokens", "1,4", "--new-tokens", "4", "--device", "cpu"])
+
+    assert result.exit_code == 0, result.output
+    assert "transformers" in result.stdout and "speed-up" in result.stdout
+    client, runs = bench_runs()
+    report = json.loads(open(client.download_artifacts(runs[0].info.run_id, "bench.json", str(tmp_path))).read())
+    assert (report["format"], report["layers"], report["experts"], report["active"]) == ("transformers", 2, 16, [4, 4])
+    assert [row["paths"] for row in report["ffn"]] == [{"transformers": 2 * 8}] * 2 and all(row["speedup"] > 0 for row in report["ffn"])
+    assert report["end_to_end"]["dense_source"] == str(trained_lm) and report["end_to_end"]["speedup"] > 0
+
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["metanet_export"]["source"] = str(tmp_path / "moved-away")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    _, before = bench_runs()
+    assert_one_line_error(runner.invoke(app, ["bench", str(tmp_path / "hf"), "--tokens", "2"]), "is not here; pass --dense CHECKPOINT")
+    assert len(bench_runs()[1]) == len(before)
+    result = runner.invoke(app, ["bench", str(tmp_path / "hf"), "--tokens", "2", "--new-tokens", "2", "--dense", str(trained_lm)])
+    assert result.exit_code == 0, result.output

@@ -24,6 +24,7 @@ import logging
 import statistics
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -96,34 +97,52 @@ def host_ms_per_call(call: Callable[[int], object], calls: int, repeats: int, de
     return statistics.median(times)
 
 
-def ffn_speed(moe_modules: list, inputs: dict[int, torch.Tensor], tokens: list[int], device: torch.device,
+@dataclass
+class TimedBlock:
+    """One block's dense FFN and the MoE that replaces it, timed on the same inputs by `ffn_speed`."""
+
+    dense: Callable[[torch.Tensor], torch.Tensor]  # [T, d] → [T, d]
+    moe: Callable[[torch.Tensor], torch.Tensor]
+    dtype: torch.dtype  # of the inputs both take
+    path: Callable[[torch.Tensor], str]  # the path the MoE takes for these inputs
+    graphable: bool  # whether a CUDA graph may capture the MoE's calls
+
+
+def metanet_block(moe) -> TimedBlock:
+    """A metanet MoEFFN against the dense FFN it was carved from (`to_ffn_layer`: same weights, device and dtype)."""
+    from metanet.kernels import choose_path
+
+    auto = moe.kernel == "auto"
+    return TimedBlock(moe.to_ffn_layer().forward, moe, moe.w_in.dtype,
+                      (lambda w: choose_path(moe, w, lambda: moe.route(w))) if auto else (lambda w: moe.kernel), auto)
+
+
+def ffn_speed(blocks: list[TimedBlock], inputs: dict[int, torch.Tensor], tokens: list[int], device: torch.device,
               progress: Callable[[], None] | None = None) -> list[dict]:
     """One row per T: summed dense and MoE FFN milliseconds over the blocks, the speed-up and the paths taken.
 
-    moe_modules: each block's MoEFFN on `device`; inputs: block → its FFN inputs [N, d] (N ≥ max(tokens)).
+    inputs: block → its FFN inputs [N, d] (N ≥ max(tokens)).
     Call i of a pass runs tokens [i·T, (i+1)·T) of the block's inputs (wrapping), so calls route differently.
-    On CUDA, for T ≤ DECODE_MAX_TOKENS (where no path synchronises with the host), the rows also hold the
+    On CUDA, for T ≤ DECODE_MAX_TOKENS (where no metanet path synchronises with the host), the rows also hold the
     pass replayed as one CUDA graph (`dense_graph_ms`, `moe_graph_ms`, `graph_speedup`): GPU time alone,
     as serving stacks run decode steps. `progress()` is called after each (block, T).
     """
-    from metanet.kernels import choose_path
     from metanet.kernels.dispatch import DECODE_MAX_TOKENS
 
-    graphs = [t for t in tokens if device.type == "cuda" and t <= DECODE_MAX_TOKENS and all(m.kernel == "auto" for m in moe_modules)]
+    graphs = [t for t in tokens if device.type == "cuda" and t <= DECODE_MAX_TOKENS and all(b.graphable for b in blocks)]
     times = {key: dict.fromkeys(tokens, 0.0) for key in ("dense_ms", "moe_ms", "dense_graph_ms", "moe_graph_ms")}  # T → summed over blocks
     paths = {n_tokens: Counter() for n_tokens in tokens}
-    for i, moe in enumerate(moe_modules):
-        dense = moe.to_ffn_layer()  # the block's dense FFN, built once for all T: same weights, device and dtype
+    for i, block in enumerate(blocks):
         pool = inputs[i]
         for n_tokens in tokens:
-            windows = [pool[(j * n_tokens + torch.arange(n_tokens)) % pool.shape[0]].to(device, moe.w_in.dtype) for j in range(CALLS)]  # each [T, d]
-            calls = {"dense": lambda j: dense.forward(windows[j]), "moe": lambda j: moe(windows[j])}
+            windows = [pool[(j * n_tokens + torch.arange(n_tokens)) % pool.shape[0]].to(device, block.dtype) for j in range(CALLS)]  # each [T, d]
+            calls = {"dense": lambda j: block.dense(windows[j]), "moe": lambda j: block.moe(windows[j])}
             with torch.inference_mode():
                 for name, call in calls.items():
                     times[f"{name}_ms"][n_tokens] += per_call_ms(call, CALLS, REPEATS, device)
                     if n_tokens in graphs:
                         times[f"{name}_graph_ms"][n_tokens] += per_call_ms(call, CALLS, REPEATS, device, graph=True)
-                paths[n_tokens].update(choose_path(moe, w, lambda w=w: moe.route(w)) if moe.kernel == "auto" else moe.kernel for w in windows)
+                paths[n_tokens].update(block.path(w) for w in windows)
             if progress is not None:
                 progress()
     rows = []
@@ -176,10 +195,10 @@ def check_counts(tokens: list[int], new_tokens: int) -> None:
         raise MetanetError(f"new tokens must be ≥ 1, got {new_tokens}")
 
 
-def decode_steps_speed(model, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> dict:
+def decode_steps_speed(model, prompt: torch.Tensor, new_tokens: int, device: torch.device, graph: bool = True) -> dict:
     """Tokens/s of a causal LM's greedy decode steps alone (prefill excluded) with a static KV cache, and whether
     they produce generate's greedy tokens (they do not for every family: OPT's positions need the attention
-    mask). On CUDA each step replays one CUDA graph of the model's forward (what serving stacks do: no host
+    mask). On CUDA with `graph` each step replays one CUDA graph of the model's forward (what serving stacks do: no host
     launch cost per kernel); elsewhere each step is an eager call.   prompt: [B, P]"""
     from transformers import StaticCache
 
@@ -196,16 +215,17 @@ def decode_steps_speed(model, prompt: torch.Tensor, new_tokens: int, device: tor
             return model(input_ids=token, **cache, cache_position=position, use_cache=True).logits[:, -1]
 
         run = step
-        if device.type == "cuda":
+        graph = graph and device.type == "cuda"
+        if graph:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up before capture; it writes the cache slot the first replay rewrites
                 step()
             torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            cuda_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(cuda_graph):
                 graph_logits = step()
-            run = lambda: (graph.replay(), graph_logits)[1]  # noqa: E731
+            run = lambda: (cuda_graph.replay(), graph_logits)[1]  # noqa: E731
         tokens = [token.clone()]
         _synchronize(device)
         start = time.perf_counter()
@@ -215,7 +235,7 @@ def decode_steps_speed(model, prompt: torch.Tensor, new_tokens: int, device: tor
             tokens.append(token.clone())
         _synchronize(device)
         seconds = time.perf_counter() - start
-    return {"seconds": seconds, "tokens_per_s": batch * (new_tokens - 1) / seconds, "graph": device.type == "cuda",
+    return {"seconds": seconds, "tokens_per_s": batch * (new_tokens - 1) / seconds, "graph": graph,
             "matches_generate": bool(torch.equal(torch.cat(tokens, dim=1), expected))}
 
 
@@ -239,11 +259,13 @@ def measure_speed(
     corpus: str | None = None,
     progress: Callable[[str, int], Callable[[], None]] | None = None,
 ) -> dict:
-    """FFN speed-ups per T and end-to-end tokens/s of the MoE checkpoint in `moe_dir` (module docstring).
+    """FFN speed-ups per T and end-to-end tokens/s of the MoE checkpoint in `moe_dir` (module docstring), or of a
+    folder `metanet export` / `apply --format transformers` wrote (transformers' GLM-4-MoE: each block's MoE module
+    against the source's dense FFN, decode steps eager).
 
-    dense: the dense checkpoint to compare end to end (default: the source its config names; when
-    that folder is gone, only the MoE is timed end to end; a `dense` that cannot be opened is a
-    MetanetError before any timing). dtype None keeps the stored one.
+    dense: the dense checkpoint to compare with (default: the source its config names; when that is gone, an MoE
+    checkpoint is timed alone end to end and an export is a MetanetError, since its dense FFNs come from the source;
+    a `dense` that cannot be opened is a MetanetError before any timing). dtype None keeps the stored one.
     progress(description, total) returns a function to call after each step of that work.
     """
     from transformers import AutoTokenizer
@@ -251,29 +273,24 @@ def measure_speed(
     from metanet.calib import load_corpus, load_model_and_tokenizer, split_documents, tokenize_documents
     from metanet.calib.capture import ENCODER_FAMILIES, capture_ffn_inputs
     from metanet.checkpoints import open_checkpoint
-    from metanet.moe import MoEFFN, load
-    from metanet.moe.checkpoint import read_config
+    from metanet.moe.export_transformers import is_export
 
     check_counts(tokens, new_tokens)
     moe_dir = Path(moe_dir)
-    _, section = read_config(moe_dir)  # MetanetError unless an MoE checkpoint
     target = resolve_device(device)
-    source = section.get("source")
-    dense_checkpoint = open_checkpoint(dense) if dense else open_checkpoint(source) if source and Path(source).exists() else None
+    subject = (_exported_subject if is_export(moe_dir) else _moe_subject)(moe_dir, target, dtype, dense)
     docs = load_corpus(corpus)
     try:
         tokenizer = AutoTokenizer.from_pretrained(moe_dir, local_files_only=True)
     except (OSError, ValueError):
         raise MetanetError(f"{moe_dir}: bench needs the tokenizer in the MoE folder (apply copies it from the source) to route real text") from None
-    model = load(moe_dir, device=target, dtype=dtype)
-    family = section["family"]
-    modules = [m for m in model.modules() if isinstance(m, MoEFFN)]
+    model, family = subject.model, subject.family
     _, heldout = split_documents(docs, seed=0)
     windows = tokenize_documents(tokenizer, heldout, max(2048, max(tokens) * 2), seq_len=128)  # [N, 128]
     inputs = capture_ffn_inputs(model, family, windows).layers  # block → [N·128, d] float32 on the CPU
 
-    step = progress("FFN layers × token counts", len(tokens) * len(modules)) if progress else None
-    rows = ffn_speed(modules, inputs, tokens, target, step)
+    step = progress("FFN layers × token counts", len(tokens) * len(subject.blocks)) if progress else None
+    rows = ffn_speed(subject.blocks, inputs, tokens, target, step)
 
     encoder = family in ENCODER_FAMILIES
     sample = windows[: ENCODER_BATCH[0], : ENCODER_BATCH[1]] if encoder else windows[:1, :PROMPT_TOKENS]
@@ -281,27 +298,96 @@ def measure_speed(
     end_to_end = {"kind": "encoder forward" if encoder else "greedy generate", "input_shape": list(sample.shape),
                   "new_tokens": None if encoder else new_tokens, "moe": model_speed(model, sample, None if encoder else new_tokens, target)}
     if not encoder:
-        end_to_end["moe_steps"] = decode_steps_speed(model, sample.to(target), new_tokens, target)
+        end_to_end["moe_steps"] = decode_steps_speed(model, sample.to(target), new_tokens, target, graph=subject.graph_decode)
     if step:
         step()
-    del model, modules
+    del model
+    subject.model, subject.blocks = None, []  # free the MoE before the dense model loads
+    dense_checkpoint = open_checkpoint(subject.dense) if subject.dense else None
     if dense_checkpoint is not None:
         dense_model, _ = load_model_and_tokenizer(dense_checkpoint)
-        dense_model = dense_model.to(target, dtype or getattr(torch, section["dtype"])).requires_grad_(False)
+        dense_model = dense_model.to(target, subject.dtype).requires_grad_(False)
         end_to_end["dense"] = model_speed(dense_model, sample, None if encoder else new_tokens, target)
-        end_to_end["dense_source"] = str(dense or source)
+        end_to_end["dense_source"] = subject.dense
         end_to_end["speedup"] = end_to_end["moe"]["tokens_per_s"] / end_to_end["dense"]["tokens_per_s"]
         if not encoder:
             end_to_end["dense_steps"] = decode_steps_speed(dense_model, sample.to(target), new_tokens, target)
             steps = end_to_end["moe_steps"], end_to_end["dense_steps"]
-            if all(s["matches_generate"] for s in steps):  # the steps decode what generate decodes: comparable
+            if all(s["matches_generate"] for s in steps) and steps[0]["graph"] == steps[1]["graph"]:  # same tokens, same way: comparable
                 end_to_end["steps_speedup"] = steps[0]["tokens_per_s"] / steps[1]["tokens_per_s"]
     else:
         end_to_end["dense_source"] = None
-        log.warning("the dense source %s is not here: only the MoE model is timed end to end (pass --dense)", source)
+        log.warning("the dense source %s is not here: only the MoE model is timed end to end (pass --dense)", subject.source)
     if step:
         step()
     device_name = torch.cuda.get_device_name(target) if target.type == "cuda" else "CPU"
-    return {"moe_dir": str(moe_dir), "device": device_name, "dtype": section["dtype"] if dtype is None else str(dtype).removeprefix("torch."),
-            "family": family, "experts": section["experts"], "active": section["active"], "layers": len(inputs),
-            "ffn": rows, "end_to_end": end_to_end}
+    return {"moe_dir": str(moe_dir), "format": subject.format, "device": device_name, "dtype": str(subject.dtype).removeprefix("torch."),
+            "family": family, "experts": subject.experts, "active": subject.active, "layers": len(inputs), "ffn": rows, "end_to_end": end_to_end}
+
+
+@dataclass
+class _Subject:
+    """What `measure_speed` times: the model, its blocks against their dense FFNs, and what it reports."""
+
+    format: str  # metanet | transformers
+    model: torch.nn.Module
+    family: str
+    blocks: list[TimedBlock]
+    dtype: torch.dtype
+    experts: int | None
+    active: int | list[int] | None  # k, or k per block for an export
+    source: str | None  # the dense source its config names
+    dense: str | None  # the dense checkpoint to time end to end: `dense=`, or the source where it exists
+    graph_decode: bool  # decode steps may be captured as CUDA graphs
+
+
+def _moe_subject(moe_dir: Path, target: torch.device, dtype: torch.dtype | None, dense: str | None) -> _Subject:
+    from metanet.checkpoints import open_checkpoint
+    from metanet.moe import MoEFFN, load
+    from metanet.moe.checkpoint import read_config
+
+    _, section = read_config(moe_dir)  # MetanetError unless an MoE checkpoint
+    source = section.get("source")
+    if dense is not None:
+        open_checkpoint(dense)
+    model = load(moe_dir, device=target, dtype=dtype)
+    blocks = [metanet_block(m) for m in model.modules() if isinstance(m, MoEFFN)]
+    return _Subject("metanet", model, section["family"], blocks, dtype or getattr(torch, section["dtype"]), section["experts"], section["active"],
+                    source, dense or (source if source and Path(source).exists() else None), True)
+
+
+def _exported_subject(folder: Path, target: torch.device, dtype: torch.dtype | None, dense: str | None) -> _Subject:
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from metanet.checkpoints import open_checkpoint
+    from metanet.moe.export_transformers import EXPORT_KEY
+
+    config = json.loads((folder / "config.json").read_text())
+    info = config[EXPORT_KEY]
+    reference = exported_reference(folder, dense)
+    checkpoint = open_checkpoint(reference)
+    dtype = dtype or getattr(torch, config.get("dtype") or "float32")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True).to(target).eval().requires_grad_(False)
+    n_dense = config["first_k_dense_replace"]
+    blocks = [TimedBlock(checkpoint.layer(i).to(target, dtype).forward, layer.mlp, dtype,
+                         (lambda w: "dense") if i < n_dense else (lambda w: "transformers"), False)
+              for i, layer in enumerate(model.model.layers)]
+    return _Subject("transformers", model, "llama", blocks, dtype, info.get("experts"), info.get("active"), info.get("source"), reference, False)
+
+
+def exported_reference(folder: Path, dense: str | None) -> str:
+    """The dense checkpoint a transformers export is timed against: `dense`, else the source its config names; a
+    MetanetError when neither is here (its dense FFNs come from there)."""
+    import json
+
+    from metanet.checkpoints import open_checkpoint
+    from metanet.moe.export_transformers import ARCHITECTURE, EXPORT_KEY
+
+    source = json.loads((folder / "config.json").read_text())[EXPORT_KEY].get("source")
+    reference = dense or (source if source and Path(source).exists() else None)
+    if reference is None:
+        raise MetanetError(f"{folder} is a {ARCHITECTURE} export whose dense source {source!r} is not here; pass --dense CHECKPOINT")
+    open_checkpoint(reference)
+    return reference

@@ -277,7 +277,7 @@ def export_transformers(
             partition.check_matches(layer.index, layer.fingerprint())
             yield MoEFFN.from_layer(layer, partition.layers[layer.index], layout.points[layer.index]), None if layer.norm is None else layer.norm.weight
 
-    info = {"source": checkpoint.path.name, "source_model_type": checkpoint.config.get("model_type"), "method": partition.method, "router": partition.router}
+    info = {"source": str(checkpoint.path), "source_model_type": checkpoint.config.get("model_type"), "method": partition.method, "router": partition.router}
     return _export(Path(out), dense_parts(checkpoint), layout, checkpoint.d_ff, blocks(), dtype, info, progress)
 
 
