@@ -18,6 +18,9 @@ Techniques (the ablation's rows):
     full          both + coverage refinement of the partition
     plan          full, with a per-block plan from measured sensitivity at the same average active fraction
 
+Rows compensated without an output bias (the `export` set) are also written with `--format transformers`
+(GLM-4-MoE) and measured as plain transformers loads them: export.ppl_ratio.<domain> beside ppl_ratio.<domain>.
+
 Results go to benchmarks/results/real-llm.json (rows already there are kept: runs resume) and the
 report to real-llm.md. Run (CPU; SmolLM2 rows take 2–12 min each on 2 cores):
     .venv/bin/python -m benchmarks.real_llm --rows headline [--rows ablation ...]    # measure
@@ -46,7 +49,7 @@ from metanet.conversion.plan import make_plan
 from metanet.conversion.sensitivity import measure_sensitivity
 from metanet.conversion.workflow import SENSITIVITY_SEED
 from metanet.eval.evaluate import evaluate
-from metanet.eval.model_quality import dense_reference, model_quality
+from metanet.eval.model_quality import dense_reference, model_quality, quality_of
 from metanet.partition import OperatingPoint
 
 RESULTS = Path(__file__).parent / "results"
@@ -64,9 +67,11 @@ METHODS = ("random", "kmeans", "joint", "coact", "cmoe", "metanet", "metanet-dat
 
 
 def row(checkpoint: str, method: str, router: str, technique: str, active: int, calibration: str = "mix", shared: int = 0,
-        experts: int = 16) -> dict:
+        experts: int = 16, output_bias: bool = True) -> dict:
+    """One conversion to measure. output_bias False compensates without b_out (what `--format transformers` holds): such
+    rows are also exported to transformers' GLM-4-MoE and measured as plain transformers runs them."""
     return {"checkpoint": checkpoint, "method": method, "router": router, "technique": technique, "experts": experts,
-            "active": active, "shared": shared, "calibration": calibration}
+            "active": active, "shared": shared, "calibration": calibration, "output_bias": output_bias}
 
 
 #: Named sets of rows (--rows NAME).
@@ -79,17 +84,19 @@ ROW_SETS = {
     "methods": [row(SMOLLM2, method, "lsq", technique, 8) for method in METHODS for technique in ("none", "full")],
     "routers": [row(SMOLLM2, "cmoe", router, "full", 8) for router in ("scaled", "metanet", "mlp")],
     "minilm": [row(MINILM, method, "lsq", technique, k) for method in ("kmeans", "cmoe") for technique in ("none", "full") for k in (4, 8)],
+    "export": [row(SMOLLM2, "cmoe", "lsq", technique, 8, output_bias=False) for technique in ("plan", "full")],
 }
 
 
 def key(r: dict) -> str:
-    return "|".join(str(r[k]) for k in ("checkpoint", "method", "router", "technique", "experts", "active", "shared", "calibration"))
+    fields = "|".join(str(r[k]) for k in ("checkpoint", "method", "router", "technique", "experts", "active", "shared", "calibration"))
+    return fields + ("" if r.get("output_bias", True) else "|no-output-bias")
 
 
 class Bench:
     """One checkpoint loaded once, with its held-out windows and dense references."""
 
-    def __init__(self, name: str, calib_tokens: int, heldout_tokens: int):
+    def __init__(self, name: str, calib_tokens: int, heldout_tokens: int, measured: dict[str, dict] | None = None):
         self.checkpoint = open_checkpoint(name)
         self.model, self.tokenizer = load_model_and_tokenizer(self.checkpoint)
         self.family = self.checkpoint.family.name
@@ -100,6 +107,8 @@ class Bench:
         self.calib_tokens = calib_tokens
         #: (method, router, calibration, experts, shared) → (Sensitivity, seconds it took): one measurement serves every plan budget
         self.sensitivities = {}
+        #: rows measured before (key → result): a plan row without output bias takes the plan of its row with one
+        self.measured = measured or {}
 
     def sensitivity(self, r: dict, settings: ConversionSettings):
         """Each block's measured sensitivity at k = 2 (or shared + 1), 4, 8, 12, as `metanet plan` measures it, and its wall time."""
@@ -115,9 +124,13 @@ class Bench:
     def run(self, r: dict) -> dict:
         point = OperatingPoint(r["experts"], r["active"], r["shared"])
         settings = ConversionSettings(method=r["method"], router=r["router"], point=point, calibration=r["calibration"],
-                                      calib_tokens=self.calib_tokens, **TECHNIQUES[r["technique"]])
+                                      calib_tokens=self.calib_tokens, output_bias=r.get("output_bias", True), **TECHNIQUES[r["technique"]])
         extra = {}
-        if r["technique"] == "plan":
+        with_bias = self.measured.get(key(r | {"output_bias": True})) if not r.get("output_bias", True) else None
+        if r["technique"] == "plan" and with_bias:  # the same plan as the row with an output bias: its sensitivity is not measured again
+            settings.plan = [OperatingPoint(r["experts"], k, r["shared"]) for k in with_bias["plan"]]
+            extra = {k: with_bias[k] for k in ("plan", "predicted_ppl_ratio", "sensitivity_ppl_ratio", "sensitivity_actives", "sensitivity_s")}
+        elif r["technique"] == "plan":
             sensitivity, sensitivity_s = self.sensitivity(r, settings)
             plan = make_plan(sensitivity, active_fraction=r["active"] / r["experts"], method=r["method"], router=r["router"])
             settings.plan = plan.points()
@@ -134,6 +147,27 @@ class Bench:
         report = evaluate(self.checkpoint, partition, self.heldout["shakespeare"])
         result |= {"rel_error": report["rel_error"], "oracle_rel_error": report["oracle_rel_error"],
                    "rel_error_by_layer": [layer["rel_error"] for layer in report["layers"]]}
+        if not settings.output_bias and self.family == "llama":
+            result |= self.export_quality(partition)
+        return result
+
+    def export_quality(self, partition) -> dict:
+        """ppl_ratio of `partition` written as a GLM-4-MoE folder (metanet.moe.export_transformers) and loaded by plain
+        transformers, on the same held-out windows; with the export's size and its K chosen of R routed experts."""
+        import tempfile
+
+        from transformers import AutoModelForCausalLM
+
+        from metanet.moe.export_transformers import export_transformers
+
+        with tempfile.TemporaryDirectory(dir=RESULTS.parent) as tmp:
+            summary = export_transformers(self.checkpoint, partition, Path(tmp) / "hf")
+            exported = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", local_files_only=True).eval()
+            result = {"export.size_mb": summary["size_mb"], "export.experts_per_token": summary["experts_per_token"],
+                      "export.routed_experts": summary["routed_experts"]}
+            for domain, split in self.heldout.items():
+                quality = quality_of(self.family, dense_reference(exported, self.family, split.input_ids), self.reference[domain])
+                result[f"export.ppl_ratio.{domain}"] = quality["ppl_ratio"]
         return result
 
 
@@ -143,7 +177,7 @@ def measure(names: list[str], out: Path, calib_tokens: int, heldout_tokens: int)
     benches: dict[str, Bench] = {}
     for r in todo:
         if r["checkpoint"] not in benches:
-            benches[r["checkpoint"]] = Bench(r["checkpoint"], calib_tokens, heldout_tokens)
+            benches[r["checkpoint"]] = Bench(r["checkpoint"], calib_tokens, heldout_tokens, results["rows"])
         result = benches[r["checkpoint"]].run(r)
         results["rows"][key(r)] = result
         results["machine"] = f"{platform.machine()}, {len(os.sched_getaffinity(0))} CPU cores, {'GPU' if torch.cuda.is_available() else 'no GPU'}"

@@ -28,7 +28,20 @@ def _quality(row: dict, domain: str) -> float | None:
 
 def _label(row: dict) -> str:
     shared = f", {row['shared']} shared" if row["shared"] else ""
-    return f"{row['method']}/{row['router']}, {row['technique']}, {row['calibration']}{shared}"
+    bias = ", no output bias" if row.get("output_bias", True) is False else ""
+    return f"{row['method']}/{row['router']}, {row['technique']}, {row['calibration']}{shared}{bias}"
+
+
+def _export_table(rows: list[dict]) -> list[str]:
+    """metanet's runtime against the GLM-4-MoE export of the same conversion, per domain."""
+    lines = ["| pipeline | active | Shakespeare: metanet → export | mlflow-docs: metanet → export | chosen of routed experts | export MB |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        cells = [f"{_fmt(row[f'ppl_ratio.{d}'])} → {_fmt(row[f'export.ppl_ratio.{d}'])} ({100 * (row[f'export.ppl_ratio.{d}'] / row[f'ppl_ratio.{d}'] - 1):+.2f}%)"
+                 for d in ("shakespeare", "mlflow-docs")]
+        lines.append(f"| {_label(row)} | {row['active_fraction']:.2f} (k={row['active']}) | {cells[0]} | {cells[1]} | "
+                     f"{row['export.experts_per_token']} of {row['export.routed_experts']} | {row['export.size_mb']:.0f} |")
+    return lines
 
 
 def _table(rows: list[dict], first: str) -> list[str]:
@@ -105,6 +118,13 @@ def write_report(results: dict, path: Path) -> Path:
         for row in plans:
             lines.append(f"- {_label(row)}, {row['active_fraction']:.2f} active: k = {' '.join(map(str, row['plan']))}; predicted "
                          f"{row['predicted_ppl_ratio']:.3f}, measured {_fmt(_quality(row, 'shakespeare'))} (Shakespeare)")
+    exported = [r for r in smol if "export.ppl_ratio.shakespeare" in r]
+    if exported:
+        lines += ["", "## Exported to transformers (GLM-4-MoE, `--format transformers`)", "",
+                  "The same conversion compensated without an output bias (GLM-4-MoE's MLPs have none), run by metanet's runtime and "
+                  "written as a Glm4MoeForCausalLM folder that plain transformers loads (routing approximated by a scaled sigmoid "
+                  "router: README \"`--format transformers`\"). A plan's blocks are padded with zero experts to one size: every "
+                  "block then chooses K of R routed experts, the largest k of the plan.", "", *_export_table(exported)]
     if mini:
         lines += ["", "## all-MiniLM-L6-v2 beside it (an encoder: embedding cosine with the dense model, higher is better)", "",
                   *_table(sorted(mini, key=lambda r: (_label(r), r["active"])), "pipeline")]
