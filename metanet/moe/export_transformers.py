@@ -98,6 +98,9 @@ ARCHITECTURE = "Glm4MoeForCausalLM"
 #: experts are nearly equal, large enough that float32 keeps most of their order (module docstring; measured best of
 #: 2^-6 … 2^-14 on the trained test LM).
 ROUTER_RANGE_LOG2 = -10
+#: How much larger than the weights' score range R a router bias may be before it sets the scale (`router_scale`):
+#: c/4·|b_r| then stays ≤ 2⁻¹²·2⁸ = 1/16, the keys within 1/2 ± 1/16, where float32's spacing is 2⁻²⁵ … 2⁻²⁴.
+BIAS_HEADROOM = 2.0**8
 #: Key of config.json naming what metanet exported (read by `check_destination` to allow replacing an export).
 EXPORT_KEY = "metanet_export"
 INDEX_FILE = "model.safetensors.index.json"
@@ -195,17 +198,24 @@ def glm4_moe_config(source_config: dict, layout: ExportLayout, expert_width: int
 
 # -- tensors ------------------------------------------------------------------------------------
 def router_scale(router_weight: torch.Tensor, router_bias: torch.Tensor, norm_weight: torch.Tensor | None) -> float:
-    """The power of two c for one block's routed experts: R = max_e ‖W_r[e] ⊙ γ‖ + max_e |b_r[e]| bounds the typical
-    score of an input the block's RMSNorm (weight γ) has brought to unit rms, and c = 2^(ROUTER_RANGE_LOG2 − round(log2 R))."""
+    """The power of two c for one block's routed experts: c = 2^(ROUTER_RANGE_LOG2 − round(log2 R)) with
+
+        R = max( max_e ‖W_r[e] ⊙ γ‖,  max_e |b_r[e]| / BIAS_HEADROOM )
+
+    The first term bounds the typical score x·W_r[e] of an input the block's RMSNorm (weight γ) has brought to unit
+    rms: it alone sets how far the sigmoid weights stray from 1. The bias enters the keys linearly (c/4·b_r, exact at
+    any size), so it only has to stay small enough that the keys keep float32's finest spacing near 1/2: the second
+    term keeps c/4·|b_r| ≤ 2^ROUTER_RANGE_LOG2 · BIAS_HEADROOM / 4. (Counting the bias in full, as a sum, coarsened the
+    keys up to ×6 on SmolLM2 blocks whose lsq router gives one expert a bias in the thousands.)"""
     weight = router_weight.double() * (1.0 if norm_weight is None else norm_weight.double())
-    spread = weight.norm(dim=1).max().item() + router_bias.double().abs().max().item()
+    spread = max(weight.norm(dim=1).max().item(), router_bias.double().abs().max().item() / BIAS_HEADROOM)
     if not spread > 0:
         return 1.0
     return 2.0 ** (ROUTER_RANGE_LOG2 - round(math.log2(spread)))
 
 
-#: e_score_correction_bias of the zero experts every token chooses, and of those none chooses: σ + bias is in (0, 1)
-#: for every real expert (its bias c/4·b_r is ~2⁻¹²), so ±1 puts these above, or below, all of them.
+#: e_score_correction_bias of the zero experts every token chooses, and of those none chooses: σ + bias is within
+#: 1/2 ± 1/8 for every real expert (`router_scale`), so ±1 puts these above, or below, all of them.
 CHOSEN_BIAS, UNUSED_BIAS = 1.0, -1.0
 
 
