@@ -2,8 +2,10 @@
 
 For k = 4 and k = 8 of E = 16 experts (25% and 50% of the FFN active per token): convert the bundled
 GGUF with the library pipeline's defaults (`ConversionSettings(point=OperatingPoint(16, k))`: whatever
-method, router, calibration and techniques they name today; the settings used are recorded), `apply`,
-then `metanet.heal.heal` (routers+experts, HealSettings defaults otherwise) with
+method, router, calibration and techniques they name today; the settings used are recorded) — runs
+`k4-…` — or with the per-block plan of the same average that benchmarks/real_llm.py measured
+(real-llm.json's plan row; its k per block is recorded) — runs `plan4-…` —, `apply`, then
+`metanet.heal.heal` (routers+experts, HealSettings defaults otherwise) with
 
     text        training windows from the calibration split of the Shakespeare plays
     generated   training windows the dense model writes itself (no corpus text is trained on)
@@ -14,7 +16,7 @@ trains on) of the healed model, beside the unhealed MoE's.
 
 Everything lives in a work folder (benchmarks/.work/real-llm-heal/, gitignored) kept between calls:
 
-    k4/moe/, k4/partition/, k4/conversion.json    the converted checkpoint, once per k
+    k4/moe/, k4/partition/, k4/conversion.json    the converted checkpoint, once per k (plan4/: per plan)
     k4/healed-text/                               a finished run's healed checkpoint
     k4/.healed-text.heal/                         a run in progress: heal's resume point (and generated pool)
     mlflow.db, mlruns/                            the runs' curves (a resumed run continues its MLflow run)
@@ -58,7 +60,7 @@ from metanet.partition import OperatingPoint  # noqa: E402
 
 CHECKPOINT = "SmolLM2-135M-Instruct"
 EXPERTS = 16
-RUNS = ("k4-text", "k4-generated", "k8-text", "k8-generated")
+RUNS = ("k4-text", "k4-generated", "k8-text", "k8-generated", "plan4-text", "plan4-generated")
 MILESTONES = (100_000, 250_000, 500_000, 1_000_000)
 BAR = 1.3  # the issue's bar: ppl_ratio ≤ 1.3 at 25% active after ≤ 2M training tokens
 RESULTS = Path(__file__).parent / "results"
@@ -67,23 +69,35 @@ WORK = Path(__file__).parent / ".work" / "real-llm-heal"
 log = logging.getLogger("real_llm_heal")
 
 
-def parse(run: str) -> tuple[int, str]:
-    """"k4-text" → (4, "text")."""
-    k, data = run.split("-", 1)
-    return int(k.removeprefix("k")), data
+def parse(run: str) -> tuple[str, int, str]:
+    """"k4-text" → ("k4", 4, "text"); "plan4-generated" → ("plan4", 4, "generated"): the conversion's folder name,
+    the (average) active experts and the healing data."""
+    conversion, data = run.split("-", 1)
+    return conversion, int(conversion.removeprefix("plan").removeprefix("k")), data
 
 
-def heal_out(work: Path, k: int, data: str) -> Path:
-    return work / f"k{k}" / f"healed-{data}"
+def heal_out(work: Path, conversion: str, data: str) -> Path:
+    return work / conversion / f"healed-{data}"
+
+
+def measured_plan(k: int) -> list[int]:
+    """k per block of the plan real-llm.json measured for the default pipeline at k of EXPERTS on average."""
+    row = json.loads((RESULTS / "real-llm.json").read_text())["rows"].get(f"{CHECKPOINT}|cmoe|lsq|plan|{EXPERTS}|{k}|0|mix")
+    if row is None:
+        raise SystemExit(f"no plan row at k={k} in real-llm.json: run `python -m benchmarks.real_llm --rows headline` first")
+    return row["plan"]
 
 
 # -- conversion, once per k -----------------------------------------------------------------------
-def converted(work: Path, k: int, dense) -> Path:
-    """The MoE folder of the default pipeline at k of EXPERTS, converted and applied on first use; conversion.json
-    records the settings, the conversion time and the unhealed MoE's mlflow-docs ppl_ratio."""
-    folder = work / f"k{k}"
+def converted(work: Path, conversion: str, k: int, dense) -> Path:
+    """The MoE folder of the default pipeline at k of EXPERTS (or at its measured plan, for a "plan…" conversion),
+    converted and applied on first use; conversion.json records the settings, the conversion time and the unhealed
+    MoE's mlflow-docs ppl_ratio."""
+    folder = work / conversion
     moe, record = folder / "moe", folder / "conversion.json"
     settings = ConversionSettings(point=OperatingPoint(EXPERTS, k))
+    if conversion.startswith("plan"):
+        settings.plan = [OperatingPoint(EXPERTS, active) for active in measured_plan(k)]
     wanted = json.loads(json.dumps(asdict(settings), default=str))
     if record.is_file():
         saved = json.loads(record.read_text())
@@ -124,9 +138,9 @@ def heldout_quality(moe_dir: Path, dense: dict, corpus: str, tokens: int | None 
 # -- one healing run --------------------------------------------------------------------------------
 def run(work: Path, name: str, settings: HealSettings, dense: dict, uri: str) -> dict | None:
     """Heal (or continue healing) run `name`; returns its results row once finished."""
-    k, data = parse(name)
-    moe = converted(work, k, dense)
-    out = heal_out(work, k, data)
+    conversion_name, k, data = parse(name)
+    moe = converted(work, conversion_name, k, dense)
+    out = heal_out(work, conversion_name, data)
     if out.exists():
         log.info("%s: finished earlier (%s)", name, out)
         return None
@@ -134,7 +148,7 @@ def run(work: Path, name: str, settings: HealSettings, dense: dict, uri: str) ->
     log.info("%s: %s healing toward %d tokens", name, "continuing" if resume else "starting", settings.tokens)
     run_settings = HealSettings(**{**settings.as_dict(), "data": data})
     result = heal(moe, CHECKPOINT, out, run_settings, resume=resume, tracking_uri=uri)
-    conversion = json.loads((work / f"k{k}" / "conversion.json").read_text())
+    conversion = json.loads((work / conversion_name / "conversion.json").read_text())
     docs_after = heldout_quality(out, dense, "mlflow-docs", conversion["mlflow_docs_tokens"])  # the tokens "before" was measured on
     speeds = throughput(uri, result["run_id"])
     return {
@@ -167,9 +181,9 @@ def in_progress(work: Path, uri: str) -> list[dict]:
 
     rows = []
     for name in RUNS:
-        k, data = parse(name)
-        record = work_folder(heal_out(work, k, data)) / RECORD_FILE
-        if heal_out(work, k, data).exists() or not record.is_file():
+        conversion, k, data = parse(name)
+        record = work_folder(heal_out(work, conversion, data)) / RECORD_FILE
+        if heal_out(work, conversion, data).exists() or not record.is_file():
             continue
         saved = json.loads(record.read_text())
         run_id = saved["run_id"]
@@ -200,7 +214,8 @@ def report(rows: list[dict]) -> str:
         "",
         f"Written {datetime.date.today()} by `benchmarks/real_llm_heal.py` (raw rows and curves: real-llm-heal.json). "
         "SmolLM2-135M-Instruct (bundled GGUF, dequantised to float32) converted at k of 16 experts with the library "
-        "pipeline's default ConversionSettings (recorded per row in the JSON), then healed with `metanet heal` "
+        "pipeline's default ConversionSettings (recorded per row in the JSON), k in every block or the per-block plan of the same "
+        "average that real-llm.md measured, then healed with `metanet heal` "
         "(routers+experts, HealSettings defaults: lr 1e-3 after 20 warmup steps, batches of 8 × 128 tokens). "
         f"ppl_ratio = perplexity of the MoE model / the dense model on {eval_tokens} held-out Shakespeare tokens "
         "(plays no run trains on); mlflow-docs: the same on held-out Markdown guides of the mlflow package, "
@@ -208,10 +223,10 @@ def report(rows: list[dict]) -> str:
         "the dense model writes itself (a pool sampled once per run, cycled), no corpus text trained on. "
         f"The bar: ppl_ratio ≤ {BAR} at 25% active after ≤ 2M training tokens.",
         "",
-        "| active | data | before | 0.1M | 0.25M | 0.5M | 1M | best (tokens) | end (tokens) | mlflow-docs before → after | tokens/s train (end to end) | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| conversion | active | data | before | 0.1M | 0.25M | 0.5M | 1M | best (tokens) | end (tokens) | mlflow-docs before → after | tokens/s train (end to end) | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: (r["active"], r["data"] != "text")):
+    for r in sorted(rows, key=lambda r: (r["active"], r["run"].startswith("plan"), r["data"] != "text")):
         h = r["history"]
         docs = r.get("mlflow_docs")
         docs = f"{docs['before']:.3f} → {docs['after']:.3f}" if docs else "—"
@@ -221,7 +236,7 @@ def report(rows: list[dict]) -> str:
         speed = f"{r['train_tokens_per_s'] or 0:.0f} ({r['tokens_per_s'] or 0:.0f})"
         status = f"in progress at {r['tokens']:,} tokens" if r.get("in_progress") else "finished"
         lines.append(
-            f"| {r['active']} of {EXPERTS} ({r['active'] / EXPERTS:.0%}) | {r['data']} | {h[0]['ppl_ratio']:.3f} | "
+            f"| {'per-block plan' if r['run'].startswith('plan') else 'k everywhere'} | {r['active']} of {EXPERTS} ({r['active'] / EXPERTS:.0%}) | {r['data']} | {h[0]['ppl_ratio']:.3f} | "
             f"{' | '.join(milestone(h, m) for m in MILESTONES)} | {best} | {end} | "
             f"{docs} | {speed} | {status} |"
         )
