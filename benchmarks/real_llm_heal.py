@@ -69,15 +69,23 @@ WORK = Path(__file__).parent / ".work" / "real-llm-heal"
 log = logging.getLogger("real_llm_heal")
 
 
-def parse(run: str) -> tuple[str, int, str]:
-    """"k4-text" → ("k4", 4, "text"); "plan4-generated" → ("plan4", 4, "generated"): the conversion's folder name,
-    the (average) active experts and the healing data."""
-    conversion, data = run.split("-", 1)
-    return conversion, int(conversion.removeprefix("plan").removeprefix("k")), data
+def parse(run: str) -> tuple[str, int, str, float | None]:
+    """"k4-text" → ("k4", 4, "text", None); "plan4-text@3e-4" → ("plan4", 4, "text", 3e-4): the conversion's folder
+    name, the (average) active experts, the healing data and the learning rate (None: HealSettings' default)."""
+    conversion, rest = run.split("-", 1)
+    data, _, lr = rest.partition("@")
+    return conversion, int(conversion.removeprefix("plan").removeprefix("k")), data, float(lr) if lr else None
 
 
-def heal_out(work: Path, conversion: str, data: str) -> Path:
-    return work / conversion / f"healed-{data}"
+def known(run: str) -> bool:
+    """A run of RUNS, optionally with "@LR" (another learning rate)."""
+    return run.partition("@")[0] in RUNS
+
+
+def heal_out(work: Path, run: str) -> Path:
+    """work/<conversion>/healed-<data>[@<lr>]: one folder per run."""
+    conversion, rest = run.split("-", 1)
+    return work / conversion / f"healed-{rest}"
 
 
 def measured_plan(k: int) -> list[int]:
@@ -138,15 +146,15 @@ def heldout_quality(moe_dir: Path, dense: dict, corpus: str, tokens: int | None 
 # -- one healing run --------------------------------------------------------------------------------
 def run(work: Path, name: str, settings: HealSettings, dense: dict, uri: str) -> dict | None:
     """Heal (or continue healing) run `name`; returns its results row once finished."""
-    conversion_name, k, data = parse(name)
+    conversion_name, k, data, lr = parse(name)
     moe = converted(work, conversion_name, k, dense)
-    out = heal_out(work, conversion_name, data)
+    out = heal_out(work, name)
     if out.exists():
         log.info("%s: finished earlier (%s)", name, out)
         return None
     resume = (work_folder(out) / RESUME_FILE).is_file()
     log.info("%s: %s healing toward %d tokens", name, "continuing" if resume else "starting", settings.tokens)
-    run_settings = HealSettings(**{**settings.as_dict(), "data": data})
+    run_settings = HealSettings(**{**settings.as_dict(), "data": data, **({"lr": lr} if lr else {})})
     result = heal(moe, CHECKPOINT, out, run_settings, resume=resume, tracking_uri=uri)
     conversion = json.loads((work / conversion_name / "conversion.json").read_text())
     docs_after = heldout_quality(out, dense, "mlflow-docs", conversion["mlflow_docs_tokens"])  # the tokens "before" was measured on
@@ -180,10 +188,10 @@ def in_progress(work: Path, uri: str) -> list[dict]:
     import mlflow
 
     rows = []
-    for name in RUNS:
-        conversion, k, data = parse(name)
-        record = work_folder(heal_out(work, conversion, data)) / RECORD_FILE
-        if heal_out(work, conversion, data).exists() or not record.is_file():
+    for record in sorted(work.glob(f"*/.healed-*.heal/{RECORD_FILE}")):  # work_folder(heal_out(work, run))
+        name = f"{record.parent.parent.name}-{record.parent.name.removeprefix('.healed-').removesuffix('.heal')}"
+        _, k, data, _ = parse(name)
+        if heal_out(work, name).exists():
             continue
         saved = json.loads(record.read_text())
         run_id = saved["run_id"]
@@ -207,6 +215,11 @@ def milestone(history: list[dict], tokens: int) -> str:
     return f"{point['ppl_ratio']:.3f}"
 
 
+def lr_note(row: dict) -> str:
+    lr = row.get("heal", {}).get("lr", HealSettings().lr)
+    return "" if lr == HealSettings().lr else f", lr {lr:g}"
+
+
 def report(rows: list[dict]) -> str:
     eval_tokens = ", ".join(f"{n:,}" for n in sorted({r["heal"]["eval_tokens"] for r in rows if "heal" in r})) or f"{HealSettings().eval_tokens:,}"
     lines = [
@@ -216,7 +229,7 @@ def report(rows: list[dict]) -> str:
         "SmolLM2-135M-Instruct (bundled GGUF, dequantised to float32) converted at k of 16 experts with the library "
         "pipeline's default ConversionSettings (recorded per row in the JSON), k in every block or the per-block plan of the same "
         "average that real-llm.md measured, then healed with `metanet heal` "
-        "(routers+experts, HealSettings defaults: lr 1e-3 after 20 warmup steps, batches of 8 × 128 tokens). "
+        "(routers+experts, HealSettings defaults: lr 1e-3 after 20 warmup steps, batches of 8 × 128 tokens; another lr where the data column names one). "
         f"ppl_ratio = perplexity of the MoE model / the dense model on {eval_tokens} held-out Shakespeare tokens "
         "(plays no run trains on); mlflow-docs: the same on held-out Markdown guides of the mlflow package, "
         "a domain no run trains on. `text`: training windows from the calibration plays; `generated`: windows "
@@ -226,7 +239,7 @@ def report(rows: list[dict]) -> str:
         "| conversion | active | data | before | 0.1M | 0.25M | 0.5M | 1M | best (tokens) | end (tokens) | mlflow-docs before → after | tokens/s train (end to end) | status |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: (r["active"], r["run"].startswith("plan"), r["data"] != "text")):
+    for r in sorted(rows, key=lambda r: (r["active"], r["run"].startswith("plan"), r["data"] != "text", r["run"])):
         h = r["history"]
         docs = r.get("mlflow_docs")
         docs = f"{docs['before']:.3f} → {docs['after']:.3f}" if docs else "—"
@@ -236,7 +249,7 @@ def report(rows: list[dict]) -> str:
         speed = f"{r['train_tokens_per_s'] or 0:.0f} ({r['tokens_per_s'] or 0:.0f})"
         status = f"in progress at {r['tokens']:,} tokens" if r.get("in_progress") else "finished"
         lines.append(
-            f"| {'per-block plan' if r['run'].startswith('plan') else 'k everywhere'} | {r['active']} of {EXPERTS} ({r['active'] / EXPERTS:.0%}) | {r['data']} | {h[0]['ppl_ratio']:.3f} | "
+            f"| {'per-block plan' if r['run'].startswith('plan') else 'k everywhere'} | {r['active']} of {EXPERTS} ({r['active'] / EXPERTS:.0%}) | {r['data']}{lr_note(r)} | {h[0]['ppl_ratio']:.3f} | "
             f"{' | '.join(milestone(h, m) for m in MILESTONES)} | {best} | {end} | "
             f"{docs} | {speed} | {status} |"
         )
@@ -264,7 +277,7 @@ def load_dense(eval_tokens: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"Comma-separated, in order: {', '.join(RUNS)}.")
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"Comma-separated, in order: {', '.join(RUNS)}; NAME@LR heals at learning rate LR.")
     parser.add_argument("--tokens", type=int, default=1_000_000, help="Training tokens per run.")
     parser.add_argument("--eval-every", type=int, default=50_000)
     parser.add_argument("--eval-tokens", type=int, default=HealSettings().eval_tokens)
@@ -282,8 +295,8 @@ def main() -> None:
         write_report(args.work, uri)
         return
     for name in args.runs.split(","):
-        if name not in RUNS:
-            parser.error(f"unknown run {name!r}; known: {', '.join(RUNS)}")
+        if not known(name):
+            parser.error(f"unknown run {name!r}; known: {', '.join(RUNS)}, each optionally with @LR (another learning rate)")
     settings = HealSettings(tokens=args.tokens, eval_every=args.eval_every, eval_tokens=args.eval_tokens)
     dense = load_dense(args.eval_tokens)
     store = RESULTS / "real-llm-heal.json"
