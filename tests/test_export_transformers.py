@@ -7,9 +7,6 @@ chooses, the logits, the perplexity and greedy decoding next to metanet's own Mo
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,37 +18,9 @@ from metanet.moe import apply, load, select_experts
 from metanet.moe.export_transformers import ARCHITECTURE, export_transformers
 from metanet.partition import OperatingPoint, Partition
 from metanet.partition.make import make_partition
+from tests_support import plain_transformers
 
 runner = CliRunner()
-
-#: Loads every folder named on the command line with plain transformers (no metanet import, no trust_remote_code)
-#: and saves its float32 logits on the given ids and its greedy continuation of their first row.
-PLAIN_TRANSFORMERS = """
-import sys, torch
-from transformers import AutoModelForCausalLM
-ids, new_tokens, out = torch.load(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-results = {}
-for folder in sys.argv[4:]:
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits
-    generated = model.generate(ids[:1], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    results[folder] = (type(model).__name__, logits, generated)
-    assert "metanet" not in sys.modules
-torch.save(results, out)
-"""
-
-
-def plain_transformers(folders, ids, tmp_path, new_tokens=8) -> dict:
-    """{folder: (class name, logits, greedy tokens)} computed in a fresh python process that never imports metanet."""
-    torch.save(ids, tmp_path / "ids.pt")
-    result = subprocess.run(
-        [sys.executable, "-c", PLAIN_TRANSFORMERS, str(tmp_path / "ids.pt"), str(new_tokens), str(tmp_path / "out.pt"), *map(str, folders)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return {Path(key): value for key, value in torch.load(tmp_path / "out.pt").items()}
-
 
 def logits_and_tokens(model, ids, new_tokens=8):
     with torch.no_grad():

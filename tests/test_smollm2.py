@@ -134,3 +134,23 @@ def test_the_transformers_export_of_a_plan_is_exact_where_it_can_be_and_routes_l
             assert got[:, 14:].sum(dim=1).eq(16 - point.routed_active).all()  # the zero experts padding block i to K = 16
             assert (got[:, :14] == expected).all(dim=1).float().mean() >= 0.99, i
             assert (weights - 1).abs().max() < 1e-2, i
+
+
+def test_the_transformers_export_with_every_expert_active_is_the_dense_model_in_a_fresh_process(smollm2, heldout, tmp_path):
+    """k = E in every block: the GLM-4-MoE folder (every block a dense MLP) loaded by plain transformers in a process
+    that never imports metanet computes SmolLM2's logits to float32 rounding and decodes the same greedy tokens."""
+    from metanet.moe.export_transformers import export_transformers
+    from metanet.partition import OperatingPoint
+    from metanet.partition.make import make_partition
+    from tests_support import plain_transformers
+
+    checkpoint, model, tokenizer = smollm2
+    summary = export_transformers(checkpoint, make_partition(checkpoint, "random", OperatingPoint(16, 16)), tmp_path / "hf")
+    assert (summary["dense_blocks"], summary["experts_per_token"]) == (30, None)
+    ids = tokenize_documents(tokenizer, heldout, 128, seq_len=64)  # [2, 64]
+    name, logits, generated = plain_transformers([tmp_path / "hf"], ids, tmp_path)[tmp_path / "hf"]
+    with torch.no_grad():
+        reference = model(ids).logits
+    assert name == "Glm4MoeForCausalLM"
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+    assert torch.equal(generated, model.generate(ids[:1], max_new_tokens=8, min_new_tokens=8, do_sample=False))
