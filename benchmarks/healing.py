@@ -88,7 +88,7 @@ def report(runs: list[dict], machine: str) -> str:
         "",
         "Setup: partition with each method's own router (random/kmeans: centroid, cmoe: cmoe; calibrated methods on "
         f"{CALIB_TOKENS} calibration tokens), `apply`, then `metanet heal` training routers+experts with configs/heal.yaml's "
-        "loss weights and lr (1e-3, constant after 20 warmup steps), batches of 8 windows × 128 tokens from the calibration "
+        "loss weights and lr 1e-3 (constant after 20 warmup steps), batches of 8 windows × 128 tokens from the calibration "
         "split of the Shakespeare plays. Quality is measured on held-out plays every eval_every tokens; the milestone "
         "columns read that curve (`@` gives the tokens a measurement was actually taken at). The `metanet` method is left "
         "out: the metanetwork has no trained weights yet (`--methods ...,metanet` adds it).",
@@ -127,7 +127,8 @@ def main() -> None:
     for noisy in ("lightning.pytorch", "alembic", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tempfile.mkdtemp(prefix='heal-bench-mlflow-')}/mlflow.db")
-    settings = HealSettings(tokens=args.tokens, eval_every=args.eval_every, eval_tokens=args.eval_tokens)
+    # lr 1e-3: what healing.md was measured at (the default then; HealSettings' default is 3e-4 since real-llm-heal.md)
+    settings = HealSettings(tokens=args.tokens, eval_every=args.eval_every, eval_tokens=args.eval_tokens, lr=1e-3)
     store = RESULTS / "healing.json"
     runs = json.loads(store.read_text()) if store.exists() else []
     for point in [] if args.report_only else args.points.split(","):

@@ -229,7 +229,7 @@ def report(rows: list[dict]) -> str:
         "SmolLM2-135M-Instruct (bundled GGUF, dequantised to float32) converted at k of 16 experts with the library "
         "pipeline's default ConversionSettings (recorded per row in the JSON), k in every block or the per-block plan of the same "
         "average that real-llm.md measured, then healed with `metanet heal` "
-        "(routers+experts, HealSettings defaults: lr 1e-3 after 20 warmup steps, batches of 8 × 128 tokens; another lr where the data column names one). "
+        f"(routers+experts, HealSettings defaults: lr {HealSettings().lr:g} after 20 warmup steps, batches of 8 × 128 tokens; another lr where the data column names one). "
         f"ppl_ratio = perplexity of the MoE model / the dense model on {eval_tokens} held-out Shakespeare tokens "
         "(plays no run trains on); mlflow-docs: the same on held-out Markdown guides of the mlflow package, "
         "a domain no run trains on. `text`: training windows from the calibration plays; `generated`: windows "

@@ -23,7 +23,7 @@ class HealSettings:
     train: str = "routers+experts"  # one of TRAIN_MODES
     data: str = "text"  # one of DATA_SOURCES: where the training windows come from
     pool_tokens: int = 262_144  # data "generated": tokens the teacher writes once per run (at most what training reads)
-    lr: float = 1e-3  # AdamW, no weight decay, linear warmup then constant
+    lr: float = 3e-4  # AdamW, no weight decay, linear warmup then constant (1e-3 wandered on SmolLM2: real-llm-heal.md)
     batch_size: int = 8
     seq_len: int = 128
     output_weight: float = 1.0  # w_out
