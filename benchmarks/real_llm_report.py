@@ -102,8 +102,10 @@ def write_report(results: dict, path: Path) -> Path:
     sections = [
         ("Ablation: each technique at 50% active (cmoe/lsq, mix calibration)", "technique",
          [r for r in smol if r["method"] == "cmoe" and r["router"] == "lsq" and r["active"] == 8 and r["calibration"] == "mix"]),
-        ("Methods at 50% active: as `metanet partition` made them (none) and through the full pipeline", "method",
-         [r for r in smol if r["router"] == "lsq" and r["active"] == 8 and r["technique"] in ("none", "full") and r["calibration"] == "mix" and not r["shared"]]),
+        ("Methods at 50% active: as `metanet partition` made them (none) and through the full pipeline, with mix calibration and with "
+         "no text (generated)", "method",
+         [r for r in smol if r["router"] == "lsq" and r["active"] == 8 and r["technique"] in ("none", "full") and not r["shared"]
+          and (r["calibration"] == "mix" or (r["calibration"] == "generated" and r["technique"] == "full"))]),
         ("Routers at 50% active (cmoe partition, full pipeline)", "router",
          [r for r in smol if r["method"] == "cmoe" and r["technique"] == "full" and r["active"] == 8 and r["calibration"] == "mix" and not r["shared"]]),
     ]
