@@ -3,7 +3,9 @@
 FFN layers: for every T in `tokens`, each block's MoEFFN (the path `metanet.kernels` chooses) and
 the dense FFN it was carved from (`MoEFFN.to_ffn_layer`: same weights, device and dtype) run on
 T real FFN inputs — captured by the MoE model itself on held-out text, so the routing is the
-checkpoint's own on real text. The model's FFN time at T is the sum over blocks, and
+checkpoint's own on real text. A transformers export (`metanet export`) is timed the same way, each
+block's GLM-4-MoE module against the source's dense FFN (`TimedBlock`). The model's FFN time at T is
+the sum over blocks, and
 
     speed-up(T) = dense FFN time / MoE FFN time        (> 1: the MoE is faster)
 
