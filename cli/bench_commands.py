@@ -69,8 +69,8 @@ def bench_command(
             plot = plot_speedup(result["ffn"], Path(tmp) / "speedup.png", f"{moe_dir.name} on {result['device']} ({result['dtype']})")
             log_artifacts(Path(tmp) / "bench.json", plot)
 
-    active = result["active"]
-    k = f"{min(active)}–{max(active)} by block" if isinstance(active, list) and len(set(active)) > 1 else active[0] if isinstance(active, list) else active
+    active = result["active"] if isinstance(result["active"], list) else [result["active"]]  # an export lists k per block
+    k = f"{min(active)}–{max(active)} by block" if len(set(active)) > 1 else active[0]
     table = Table(title=f"FFN time, all {result['layers']} layers: {moe_dir.name} ({result['format']}, E={result['experts']}, k={k}) "
                         f"on {result['device']}, {result['dtype']}")
     graphs = any("graph_speedup" in row for row in result["ffn"])  # CUDA, T ≤ 16: also replayed as CUDA graphs

@@ -355,7 +355,7 @@ def _moe_subject(moe_dir: Path, target: torch.device, dtype: torch.dtype | None,
     model = load(moe_dir, device=target, dtype=dtype)
     blocks = [metanet_block(m) for m in model.modules() if isinstance(m, MoEFFN)]
     return _Subject("metanet", model, section["family"], blocks, dtype or getattr(torch, section["dtype"]), section["experts"], section["active"],
-                    source, dense or (source if source and Path(source).exists() else None), True)
+                    source, _reference(dense, source), True)
 
 
 def _exported_subject(folder: Path, target: torch.device, dtype: torch.dtype | None, dense: str | None) -> _Subject:
@@ -388,8 +388,13 @@ def exported_reference(folder: Path, dense: str | None) -> str:
     from metanet.moe.export_transformers import ARCHITECTURE, EXPORT_KEY
 
     source = json.loads((folder / "config.json").read_text())[EXPORT_KEY].get("source")
-    reference = dense or (source if source and Path(source).exists() else None)
+    reference = _reference(dense, source)
     if reference is None:
         raise MetanetError(f"{folder} is a {ARCHITECTURE} export whose dense source {source!r} is not here; pass --dense CHECKPOINT")
     open_checkpoint(reference)
     return reference
+
+
+def _reference(dense: str | None, source: str | None) -> str | None:
+    """The dense checkpoint to compare with: `dense`, else the source an MoE config names while it is still here."""
+    return dense or (source if source and Path(source).exists() else None)

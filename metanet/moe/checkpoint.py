@@ -373,13 +373,13 @@ def _read_model(folder: Path, dtype: torch.dtype | None, source: Path, device: s
     """The MoE model of `folder`, every tensor checked; `source` is named when a needed tensor is missing.
     Each layer's experts go to `device` as soon as they are read (host memory then holds at most one layer's experts
     besides the rest of the model); the rest of the model stays on the CPU."""
-    config, moe = read_config(folder)
-    checksums = _read_checksums(folder, moe)
+    _, moe = read_config(folder)
+    parts = dense_parts_of(folder)
+    family = family_for(parts.config)
     dtype = dtype or getattr(torch, moe["dtype"])
     modules = [module.to(device) for module in read_layers(folder, dtype)]
-    dense = _read_verified(folder / DENSE_FILE, checksums[DENSE_FILE])
-    model = _build_model(config, family_for(config), dense, modules, dtype, source)
-    log.info("loaded the MoE checkpoint %s: %d %s layers, E=%d, k=%d, %s", folder, len(modules), family_for(config).name, moe["experts"], moe["active"], _dtype_name(dtype))
+    model = _build_model(parts.config, family, parts.read_tensors(), modules, dtype, source)
+    log.info("loaded the MoE checkpoint %s: %d %s layers, E=%d, k=%d, %s", folder, len(modules), family.name, moe["experts"], moe["active"], _dtype_name(dtype))
     return model
 
 

@@ -308,9 +308,10 @@ def export_moe_checkpoint(moe_dir: str | Path, out: str | Path, dtype: torch.dty
     norm_pattern = family_for(config).layout(config).patterns.get("norm.weight")
     dense = parts.read_tensors()
 
-    def norm_weight(i: int) -> torch.Tensor | None:
-        suffix = None if norm_pattern is None else norm_pattern.format(i=i)
-        return next((tensor for name, tensor in dense.items() if suffix and name.endswith(suffix)), None)
+    def norm_weight(i: int) -> torch.Tensor | None:  # stored under the source's name, whatever its prefix
+        if norm_pattern is None:
+            return None
+        return next((tensor for name, tensor in dense.items() if name.endswith(norm_pattern.format(i=i))), None)
 
     blocks = ((module, norm_weight(module.index)) for module in read_layers(moe_dir))
     info = {"source": moe.get("source"), "source_model_type": config.get("model_type"), "method": moe.get("method"), "router": moe.get("router"),
