@@ -4,7 +4,7 @@ For k = 4 and k = 8 of E = 16 experts (25% and 50% of the FFN active per token):
 GGUF with the library pipeline's defaults (`ConversionSettings(point=OperatingPoint(16, k))`: whatever
 method, router, calibration and techniques they name today; the settings used are recorded) — runs
 `k4-…` — or with the per-block plan of the same average that benchmarks/real_llm.py measured
-(real-llm.json's plan row; its k per block is recorded) — runs `plan4-…` —, `apply`, then
+(real-llm.json's plan row; its k per block is recorded) — runs `plan4-…` and `plan8-…` —, `apply`, then
 `metanet.heal.heal` (routers+experts, HealSettings defaults otherwise) with
 
     text        training windows from the calibration split of the Shakespeare plays
@@ -60,7 +60,7 @@ from metanet.partition import OperatingPoint  # noqa: E402
 
 CHECKPOINT = "SmolLM2-135M-Instruct"
 EXPERTS = 16
-RUNS = ("k4-text", "k4-generated", "k8-text", "k8-generated", "plan4-text", "plan4-generated")
+RUNS = ("k4-text", "k4-generated", "k8-text", "k8-generated", "plan4-text", "plan4-generated", "plan8-text", "plan8-generated")
 MILESTONES = (100_000, 250_000, 500_000, 1_000_000)
 BAR = 1.3  # the bar: ppl_ratio ≤ 1.3 at 25% active after ≤ 2M training tokens
 RESULTS = Path(__file__).parent / "results"

@@ -13,6 +13,7 @@ BARS = {0.25: 5.0, 0.5: 1.5, 0.75: 1.15}
 NO_TEXT_BARS = {0.5: 2.0}  # calibration the model writes itself, no text at all (no other-domain bar)
 TECHNIQUE_ORDER = ("none", "sequential", "compensation", "both", "full", "plan")  # the ablation's rows, in the order they add up
 OTHER_DOMAIN_SLACK = 1.25  # the other domain may be 25% worse
+DEFAULT_EXPERTS = 16  # every table but the granularity one holds E=16 rows only
 NOTES = Path(__file__).parent / "results" / "real-llm-notes.md"
 
 
@@ -29,7 +30,8 @@ def _quality(row: dict, domain: str) -> float | None:
 def _label(row: dict) -> str:
     shared = f", {row['shared']} shared" if row["shared"] else ""
     bias = ", no output bias" if row.get("output_bias", True) is False else ""
-    return f"{row['method']}/{row['router']}, {row['technique']}, {row['calibration']}{shared}{bias}"
+    experts = f", E={row['experts']}" if row["experts"] != DEFAULT_EXPERTS else ""
+    return f"{row['method']}/{row['router']}, {row['technique']}, {row['calibration']}{experts}{shared}{bias}"
 
 
 def _export_table(rows: list[dict]) -> list[str]:
@@ -69,19 +71,20 @@ def _bar_cell(row: dict) -> str:
 
 
 def _ablation_order(row: dict) -> tuple:
-    return TECHNIQUE_ORDER.index(row["technique"]), row["shared"], _label(row)
+    return TECHNIQUE_ORDER.index(row["technique"]), row["experts"], row["active"], row["shared"], _label(row)
 
 
 def write_report(results: dict, path: Path) -> Path:
     rows = list(results["rows"].values())
-    smol = [r for r in rows if r["checkpoint"].startswith("SmolLM2")]
+    smol_all = [r for r in rows if r["checkpoint"].startswith("SmolLM2")]
+    smol = [r for r in smol_all if r["experts"] == DEFAULT_EXPERTS]
     mini = [r for r in rows if not r["checkpoint"].startswith("SmolLM2")]
     lines = [
         "# Real LLMs: training-free conversion of SmolLM2-135M-Instruct",
         "",
         f"Measured {results.get('date')} on {results.get('machine')} by `benchmarks/real_llm.py` (raw figures: real-llm.json). "
         "SmolLM2-135M-Instruct is the bundled Q4_1 GGUF, dequantised to float32 (llama family, SwiGLU, 30 blocks, d=576, f=1536); "
-        "E=16 experts of 96 neurons. Quality is whole-model ppl_ratio (MoE perplexity / dense perplexity; lower is better) on 4096 "
+        "E=16 experts of 96 neurons unless a row says otherwise (E=32: 48 neurons). Quality is whole-model ppl_ratio (MoE perplexity / dense perplexity; lower is better) on 4096 "
         "held-out tokens of each domain: *Shakespeare* (held-out plays of the default corpus) and *mlflow-docs* (Markdown guides "
         "inside the installed mlflow package: technical English with code, which no calibration ever sees). rel_error is the mean "
         "per-block FFN output error on held-out Shakespeare (a diagnostic), measured on the dense model's FFN inputs. "
@@ -108,6 +111,12 @@ def write_report(results: dict, path: Path) -> Path:
           and (r["calibration"] == "mix" or (r["calibration"] == "generated" and r["technique"] == "full"))]),
         ("Routers at 50% active (cmoe partition, full pipeline)", "router",
          [r for r in smol if r["method"] == "cmoe" and r["technique"] == "full" and r["active"] == 8 and r["calibration"] == "mix" and not r["shared"]]),
+        ("Data-aware methods at 25 / 50 / 75% active (full pipeline, lsq, mix calibration)", "method",
+         [r for r in smol if r["router"] == "lsq" and r["technique"] == "full" and r["calibration"] == "mix" and not r["shared"]
+          and r.get("output_bias", True) and r["method"] in ("cmoe", "kmeans", "metanet-data")]),
+        ("Expert granularity at 50% active: more, smaller experts (cmoe/lsq, full, mix, no output bias)", "experts",
+         [r for r in smol_all if r["method"] == "cmoe" and r["router"] == "lsq" and r["technique"] == "full" and r["calibration"] == "mix"
+          and not r["shared"] and r.get("output_bias", True) is False and r["active"] * 2 == r["experts"]]),
     ]
     for title, first, chosen in sections:
         if chosen:
@@ -120,7 +129,7 @@ def write_report(results: dict, path: Path) -> Path:
         for row in plans:
             lines.append(f"- {_label(row)}, {row['active_fraction']:.2f} active: k = {' '.join(map(str, row['plan']))}; predicted "
                          f"{row['predicted_ppl_ratio']:.3f}, measured {_fmt(_quality(row, 'shakespeare'))} (Shakespeare)")
-    exported = [r for r in smol if "export.ppl_ratio.shakespeare" in r]
+    exported = [r for r in smol_all if "export.ppl_ratio.shakespeare" in r]
     if exported:
         lines += ["", "## Exported to transformers (GLM-4-MoE, `--format transformers`)", "",
                   "The same conversion compensated without an output bias (GLM-4-MoE's MLPs have none), run by metanet's runtime and "
