@@ -84,7 +84,7 @@ ROW_SETS = {
     "methods": [row(SMOLLM2, method, "lsq", technique, 8) for method in METHODS for technique in ("none", "full")],
     "routers": [row(SMOLLM2, "cmoe", router, "full", 8) for router in ("scaled", "metanet", "mlp")],
     "minilm": [row(MINILM, method, "lsq", technique, k) for method in ("kmeans", "cmoe") for technique in ("none", "full") for k in (4, 8)],
-    "export": [row(SMOLLM2, "cmoe", "lsq", technique, 8, output_bias=False) for technique in ("plan", "full")],
+    "export": [row(SMOLLM2, "cmoe", "lsq", "plan", k, output_bias=False) for k in (8, 4, 12)] + [row(SMOLLM2, "cmoe", "lsq", "full", 8, output_bias=False)],
     "points": [row(SMOLLM2, method, "lsq", "full", k) for method in ("metanet-data", "kmeans") for k in (4, 12)],
     "experts": [row(SMOLLM2, "cmoe", "lsq", "full", experts // 2, experts=experts, output_bias=False) for experts in (32, 64)],
 }
