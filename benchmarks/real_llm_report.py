@@ -135,7 +135,8 @@ def write_report(results: dict, path: Path) -> Path:
                   "The same conversion compensated without an output bias (GLM-4-MoE's MLPs have none), run by metanet's runtime and "
                   "written as a Glm4MoeForCausalLM folder that plain transformers loads (routing approximated by a scaled sigmoid "
                   "router: README \"`--format transformers`\"). A plan's blocks are padded with zero experts to one size: every "
-                  "block then chooses K of R routed experts, the largest k of the plan.", "", *_export_table(exported)]
+                  "block then chooses K of R routed experts, the largest k of the plan.", "",
+                  *_export_table(sorted(exported, key=lambda r: (r["experts"], r["active_fraction"], r["technique"])))]
     if mini:
         lines += ["", "## all-MiniLM-L6-v2 beside it (an encoder: embedding cosine with the dense model, higher is better)", "",
                   *_table(sorted(mini, key=lambda r: (_label(r), r["active"])), "pipeline")]
