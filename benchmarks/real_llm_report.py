@@ -84,7 +84,7 @@ def write_report(results: dict, path: Path) -> Path:
         "",
         f"Measured {results.get('date')} on {results.get('machine')} by `benchmarks/real_llm.py` (raw figures: real-llm.json). "
         "SmolLM2-135M-Instruct is the bundled Q4_1 GGUF, dequantised to float32 (llama family, SwiGLU, 30 blocks, d=576, f=1536); "
-        "E=16 experts of 96 neurons unless a row says otherwise (E=32: 48 neurons). Quality is whole-model ppl_ratio (MoE perplexity / dense perplexity; lower is better) on 4096 "
+        "E=16 experts of 96 neurons unless a row says otherwise (E=32 and E=64: 48 and 24 neurons). Quality is whole-model ppl_ratio (MoE perplexity / dense perplexity; lower is better) on 4096 "
         "held-out tokens of each domain: *Shakespeare* (held-out plays of the default corpus) and *mlflow-docs* (Markdown guides "
         "inside the installed mlflow package: technical English with code, which no calibration ever sees). rel_error is the mean "
         "per-block FFN output error on held-out Shakespeare (a diagnostic), measured on the dense model's FFN inputs. "
