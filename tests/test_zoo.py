@@ -193,3 +193,24 @@ def test_full_config_plans_a_diverse_zoo_of_at_least_48_members():
     assert all(64 <= d <= 256 and 2 <= n <= 6 and f % FFN_MULTIPLE == 0 and 2 <= f / d <= 4 for _, d, f, n in shapes)
     assert any(f & (f - 1) for _, _, f, _ in shapes) and any(d & (d - 1) for _, d, _, _ in shapes)  # not only powers of two
     assert len({n for *_, n in shapes}) >= 3 and len({d for _, d, _, _ in shapes}) >= 3 and len({m["lr"] for m in members}) >= 2
+
+
+def test_building_one_split_builds_only_its_members_and_keeps_the_manifest_whole(tiny_zoo, rows, tmp_path):
+    zoo = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo, zoo)
+    lost = {split: next(r["path"] for r in rows if r["split"] == split) for split in ("train", "val")}
+    for path in lost.values():
+        shutil.rmtree(zoo / path)
+    result = build(zoo, "--splits", "val")
+    assert result.exit_code == 0, result.output
+    assert f"{TINY_MEMBERS - 1} members (1 built, {TINY_MEMBERS // 2 - 1} already there)" in result.stdout
+    assert (zoo / lost["val"] / "model.safetensors").is_file() and not (zoo / lost["train"]).exists()
+    assert [r["path"] for r in read_manifest(zoo)] == [r["path"] for r in rows if r["path"] != lost["train"]]
+    planned = runner.invoke(app, ["zoo", "build", "--config", str(TINY), "--dry-run", "--splits", "val"])
+    assert {json.loads(line)["split"] for line in planned.stdout.splitlines()} == {"val"}
+
+
+def test_an_unknown_split_fails_with_one_line_and_writes_nothing(tmp_path):
+    result = build(tmp_path / "zoo", "--splits", "train,holdout")
+    assert result.exit_code == 2 and result.stderr.strip() == "error: splits must be among train, val, test, got train, holdout", result.output
+    assert not (tmp_path / "zoo").exists()

@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 
 from metanet.atomic import atomic_path
 from metanet.errors import MetanetError
-from training.zoo_config import RunSpec, ZooConfig, plan_runs
+from training.zoo_config import SPLITS, RunSpec, ZooConfig, plan_runs
 from training.zoo_data import prepare_zoo_data
 from training.zoo_run import MEMBER_FILE, MEMBERS_DIR, MemberDone, MemberProgress, build_run
 
@@ -66,19 +66,25 @@ class ZooSummary:
 
 
 def build_zoo(
-    config: ZooConfig, out: str | Path, workers: int = 1, tracking_uri: str | None = None, progress: BuildProgress | None = None
+    config: ZooConfig, out: str | Path, workers: int = 1, tracking_uri: str | None = None, progress: BuildProgress | None = None,
+    splits: tuple[str, ...] | None = None,
 ) -> ZooSummary:
-    """Build every member of `config` missing from `out` (see the module docstring)."""
+    """Build every member of `config` missing from `out` (see the module docstring); `splits`: only the members of
+    those splits (e.g. ("test",) to measure on the held-out family without training data). The manifest always
+    lists every finished member of the config, whatever `splits` says."""
     start = time.perf_counter()
     if workers < 1:
         raise MetanetError(f"workers must be ≥ 1, got {workers}")
+    if splits is not None and not (splits and set(splits) <= set(SPLITS)):
+        raise MetanetError(f"splits must be among {', '.join(SPLITS)}, got {', '.join(splits) or 'none'}")
     root, progress = Path(out), progress or BuildProgress()
-    runs = plan_runs(config)
+    planned = plan_runs(config)
+    runs = [run for run in planned if splits is None or run.split in splits]
     with _exclusive(root):
         for partial in (root / MEMBERS_DIR).glob(".*.tmp"):
             log.info("removing the half-built member %s", partial.name)
             shutil.rmtree(partial)
-        finished = _finished_members(runs, root)
+        finished = _finished_members(planned, root) & {member for run in runs for member in run.members}
         total = sum(len(run.checkpoints) for run in runs)
         progress.planned(total, len(finished))
         progress.status("tokenizer and token windows")
@@ -93,7 +99,7 @@ def build_zoo(
                 progress.member(event.member, event.stage, event.completed, event.total)
             elif isinstance(event, MemberDone):
                 built.append(event.row["name"])
-                _write_manifest(runs, root)
+                _write_manifest(planned, root)
                 _log_member(event, config, tracking_uri)
                 progress.member(event.row["name"], "done", totals[event.row["name"]], totals[event.row["name"]])
 
@@ -101,7 +107,7 @@ def build_zoo(
             _build_here(todo, root, handle)
         else:
             _build_in_workers(todo, root, workers, handle)
-        rows = _write_manifest(runs, root)
+        rows = _write_manifest(planned, root)
     return ZooSummary(root, rows, len(built), len(finished), time.perf_counter() - start)
 
 

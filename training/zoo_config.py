@@ -26,6 +26,8 @@ from training.specs import FAMILIES, LMShape, TrainSettings
 
 #: d_ff is a multiple of this: E=16 experts × expert width a multiple of 8.
 FFN_MULTIPLE = 128
+#: The splits a run can fall in (module docstring).
+SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
