@@ -209,6 +209,8 @@ def main() -> None:
         "calibration neuron statistics as node features. Calibration: 4096 tokens; all metrics on 4096 held-out tokens. "
         "Routers: centroid, scaled (data-free), lsq (calibration), metanet (data-free, any partition); oracle_rel_error is "
         "the same partition under oracle routing. The mlp and cmoe routers lost to lsq for every partition in baselines.md and are left out.",
+        "What the network's learned parts add over the same architecture at initialisation and over its hand-built parts alone, "
+        "in whole-model quality on SmolLM2-135M, all-MiniLM-L6-v2 and the zoo's test split: metanet-ablation.md (benchmarks/metanet_ablation.py).",
         "",
         predict_time_line(timing, gpu_timing),
         "",

@@ -142,16 +142,21 @@ class Bench:
         partition = convert_checkpoint(self.checkpoint, settings, self.model, self.tokenizer, self.corpus)
         seconds = time.perf_counter() - start
         result = {**r, **extra, "convert_s": round(seconds, 1), "calib_tokens": partition.info["calib_tokens"],
-                  "active_fraction": partition.active_fraction()}
+                  "active_fraction": partition.active_fraction(), **self.quality(partition)}
+        if not settings.output_bias and self.family == "llama":
+            result |= self.export_quality(partition)
+        return result
+
+    def quality(self, partition) -> dict:
+        """Whole-model quality of `partition` on each held-out domain ("ppl_ratio.<domain>" for causal LMs,
+        "embedding_cosine.<domain>" for encoders) and the FFN diagnostics on held-out Shakespeare."""
+        result = {}
         for domain, split in self.heldout.items():
             quality = model_quality(self.model, self.family, partition, split.input_ids, self.reference[domain])
             result |= {f"{name}.{domain}": value for name, value in quality.items()}
         report = evaluate(self.checkpoint, partition, self.heldout["shakespeare"])
-        result |= {"rel_error": report["rel_error"], "oracle_rel_error": report["oracle_rel_error"],
-                   "rel_error_by_layer": [layer["rel_error"] for layer in report["layers"]]}
-        if not settings.output_bias and self.family == "llama":
-            result |= self.export_quality(partition)
-        return result
+        return result | {"rel_error": report["rel_error"], "oracle_rel_error": report["oracle_rel_error"],
+                         "rel_error_by_layer": [layer["rel_error"] for layer in report["layers"]]}
 
     def export_quality(self, partition) -> dict:
         """ppl_ratio of `partition` written as a GLM-4-MoE folder (metanet.moe.export_transformers) and loaded by plain
