@@ -10,7 +10,7 @@ from rich.table import Table
 from cli.app import app, console, progress_bar
 from cli.config import config_option
 from metanet.errors import MetanetError
-from training.zoo_config import ZooConfig
+from training.zoo_config import ZooConfig, check_splits
 
 zoo_app = typer.Typer(no_args_is_help=True, help="Model zoos: many small trained LMs for training the metanetwork.")
 app.add_typer(zoo_app, name="zoo")
@@ -98,7 +98,7 @@ def build(
         test_seeds=_items(test_seeds, int, "test-seeds"), test_families=_items(test_families, str, "test-families"),
         draw_seed=draw_seed, corpus=corpus,
     )
-    chosen = _items(splits, str, "splits") if splits is not None else None
+    chosen = check_splits(_items(splits, str, "splits")) if splits is not None else None
     if dry_run:
         from training.zoo_config import planned_members
 

@@ -210,7 +210,8 @@ def test_building_one_split_builds_only_its_members_and_keeps_the_manifest_whole
     assert {json.loads(line)["split"] for line in planned.stdout.splitlines()} == {"val"}
 
 
-def test_an_unknown_split_fails_with_one_line_and_writes_nothing(tmp_path):
-    result = build(tmp_path / "zoo", "--splits", "train,holdout")
-    assert result.exit_code == 2 and result.stderr.strip() == "error: splits must be among train, val, test, got train, holdout", result.output
-    assert not (tmp_path / "zoo").exists()
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_an_unknown_split_fails_with_one_line_and_writes_nothing(tmp_path, dry_run):
+    result = build(tmp_path / "zoo", "--splits", "train,holdout", *dry_run)
+    assert result.exit_code == 2 and result.stderr.strip() == "error: zoo config: splits must be among train, val, test, got train, holdout", result.output
+    assert not (tmp_path / "zoo").exists() and not result.stdout

@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 
 from metanet.atomic import atomic_path
 from metanet.errors import MetanetError
-from training.zoo_config import SPLITS, RunSpec, ZooConfig, plan_runs
+from training.zoo_config import RunSpec, ZooConfig, check_splits, plan_runs
 from training.zoo_data import prepare_zoo_data
 from training.zoo_run import MEMBER_FILE, MEMBERS_DIR, MemberDone, MemberProgress, build_run
 
@@ -75,8 +75,8 @@ def build_zoo(
     start = time.perf_counter()
     if workers < 1:
         raise MetanetError(f"workers must be ≥ 1, got {workers}")
-    if splits is not None and not (splits and set(splits) <= set(SPLITS)):
-        raise MetanetError(f"splits must be among {', '.join(SPLITS)}, got {', '.join(splits) or 'none'}")
+    if splits is not None:
+        check_splits(splits)
     root, progress = Path(out), progress or BuildProgress()
     planned = plan_runs(config)
     runs = [run for run in planned if splits is None or run.split in splits]

@@ -152,6 +152,12 @@ def planned_members(config: ZooConfig) -> list[dict]:
     ]
 
 
+def check_splits(splits: tuple[str, ...]) -> tuple[str, ...]:
+    """`splits` if it names one or more of SPLITS and nothing else, else MetanetError."""
+    _check(bool(splits) and set(splits) <= set(SPLITS), f"splits must be among {', '.join(SPLITS)}, got {', '.join(splits) or 'none'}")
+    return splits
+
+
 def _split(config: ZooConfig, family: str, seed: int) -> str:
     if family in config.test_families:
         return "test"
