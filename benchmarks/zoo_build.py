@@ -100,6 +100,9 @@ def report(rows: list[dict], args, minutes: float) -> str:
         f"Per-member build time (training since the previous checkpoint, then the caches), one torch thread per worker: "
         f"median {statistics.median(seconds):.0f} s, max {max(seconds):.0f} s.",
         "",
+        "How much the members' FFNs look like real LLMs' (output-mass concentration, massive input coordinates, 25%-active "
+        "quality next to SmolLM2-135M and all-MiniLM-L6-v2): zoo-realism.md (benchmarks/zoo_realism.py).",
+        "",
     ]
     return "\n".join(lines)
 
