@@ -27,7 +27,8 @@ them and from the MLflow curves of runs still in progress. Run (CPU, nice'd; run
     nice -n 10 .venv/bin/python -m benchmarks.real_llm_heal --runs k4-text,k4-generated,k8-text,k8-generated
     .venv/bin/python -m benchmarks.real_llm_heal --report          # rebuild the markdown only
 
-Stop a run with `kill -INT PID` (Lightning saves a resume point on the way out; a hard kill loses at most
+Stop a run with `kill -INT PID`, or `kill -TERM PID` for one started in the background with `&` (a non-interactive
+shell makes such jobs ignore SIGINT); heal saves a resume point on the way out (a hard kill loses at most
 checkpoint_every steps); the same command continues every run where it stopped. A finished run is not
 extended: heal its healed folder again, or remove it and its results row, to go further.
 """
