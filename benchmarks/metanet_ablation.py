@@ -262,6 +262,7 @@ def main() -> None:
             "config": facts["config"], "training_steps": facts["training"].get("steps"),
             "targets": {name: rows for name, rows in targets.items() if not name.endswith("per member")},
             "zoo_members": targets.get("zoo test split, per member", []),
+            **({"pipeline": json.loads(store.read_text()).get("pipeline")} if store.is_file() else {}),  # measured by --pipeline: kept
         }, indent=1))
     (RESULTS / "metanet-ablation.md").write_text(report(json.loads(store.read_text())))
     log.info("wrote %s", RESULTS / "metanet-ablation.md")
