@@ -43,11 +43,13 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinning OpenMP threads stall on shared cores
 
 import torch  # noqa: E402
 
+from benchmarks.metanetwork import zoo_test_members
 from benchmarks.real_llm import DOMAINS, MINILM, SMOLLM2, Bench, key as row_key, row as conversion_row  # noqa: E402
 from metanet.conversion.pipeline import ConversionSettings, convert_checkpoint  # noqa: E402
 from metanet.model import MetaNetwork  # noqa: E402
@@ -84,16 +86,14 @@ def variant(shipped: MetaNetwork, name: str) -> MetaNetwork:
     return net
 
 
-def zoo_test_members(zoo: Path) -> list[Path]:
-    """The zoo's test members with seed 0 at their last checkpoint, one per architecture (as benchmarks/metanetwork.py)."""
-    from training.zoo import read_manifest
-
-    rows = [row for row in read_manifest(zoo) if row["split"] == "test" and row["seed"] == 0]
-    if not rows:
-        raise SystemExit(f"no seed-0 test members in {zoo}: build them with `metanet zoo build --config configs/zoo.yaml "
-                         f"--out {zoo} --seeds 0 --splits test`")
-    last = max(row["steps"] for row in rows)
-    return [zoo / row["path"] for row in sorted(rows, key=lambda row: row["path"]) if row["steps"] == last]
+def timed_quality(bench: Bench, make_partition: Callable[[], object]) -> tuple[float, dict]:
+    """(seconds `make_partition()` took, bench.quality of its partition without the per-layer list)."""
+    start = time.perf_counter()
+    partition = make_partition()
+    seconds = round(time.perf_counter() - start, 1)
+    quality = bench.quality(partition)
+    quality.pop("rel_error_by_layer")
+    return seconds, quality
 
 
 def measure_checkpoint(name: str, actives: tuple[int, ...], nets: dict[str, MetaNetwork]) -> list[dict]:
@@ -102,12 +102,8 @@ def measure_checkpoint(name: str, actives: tuple[int, ...], nets: dict[str, Meta
     rows = []
     for k in actives:
         for label, net in nets.items():
-            start = time.perf_counter()
-            partition = predict_partition(bench.checkpoint, OperatingPoint(EXPERTS, k), net=net)
-            seconds = time.perf_counter() - start
-            quality = bench.quality(partition)
-            quality.pop("rel_error_by_layer")
-            rows.append({"checkpoint": str(name), "variant": label, "experts": EXPERTS, "active": k, "predict_s": round(seconds, 1), **quality})
+            seconds, quality = timed_quality(bench, lambda: predict_partition(bench.checkpoint, OperatingPoint(EXPERTS, k), net=net))
+            rows.append({"checkpoint": str(name), "variant": label, "experts": EXPERTS, "active": k, "predict_s": seconds, **quality})
             log.info("%s k=%d %s: %s", name, k, label, {key: round(v, 4) for key, v in quality.items()})
     return rows
 
@@ -118,12 +114,9 @@ def pipeline_rows(nets: dict[str, MetaNetwork]) -> list[dict]:
     bench = Bench(SMOLLM2, settings.calib_tokens, HELDOUT_TOKENS)
     rows = []
     for name in ("init", "hand-built"):
-        start = time.perf_counter()
-        partition = convert_checkpoint(bench.checkpoint, settings, bench.model, bench.tokenizer, bench.corpus, metanetwork=nets[name])
-        seconds = time.perf_counter() - start
-        quality = bench.quality(partition)
-        quality.pop("rel_error_by_layer")
-        rows.append({"variant": name, "active": 8, "source": "measured here", "convert_s": round(seconds, 1), **quality})
+        seconds, quality = timed_quality(bench, lambda: convert_checkpoint(bench.checkpoint, settings, bench.model, bench.tokenizer,
+                                                                           bench.corpus, metanetwork=nets[name]))
+        rows.append({"variant": name, "active": 8, "source": "measured here", "convert_s": seconds, **quality})
         log.info("pipeline k=8 %s: %s", name, {k: round(v, 4) for k, v in quality.items()})
     shipped = json.loads((RESULTS / "real-llm.json").read_text())["rows"].get(row_key(conversion_row(SMOLLM2, "metanet", "lsq", "full", 8)))
     if shipped is None:
@@ -252,7 +245,7 @@ def main() -> None:
         nets = {name: variant(shipped, name) for name in VARIANTS}
         targets = {name: measure_checkpoint(name, TARGETS[name], nets) for name in (SMOLLM2, MINILM)}
         if args.zoo:
-            members = [row for member in zoo_test_members(args.zoo) for row in measure_checkpoint(member, TARGETS["zoo test split"], nets)]
+            members = [row for member in zoo_test_members(args.zoo) for row in measure_checkpoint(args.zoo / member["path"], TARGETS["zoo test split"], nets)]
             targets["zoo test split"] = zoo_means(members)
             targets["zoo test split, per member"] = members
         facts = model_facts(None)

@@ -39,6 +39,19 @@ def points():
     return {"E=16, k=4, no shared experts": OperatingPoint(16, 4, 0), "E=16, 2 shared + 2 of 14 routed": OperatingPoint(16, 4, 2)}
 
 
+def zoo_test_members(zoo: str | Path) -> list[dict]:
+    """Manifest rows of the zoo's test members with seed 0 at their last checkpoint, one per architecture, in
+    architecture order (what metanet.md measures as "the zoo test split")."""
+    from training.zoo import read_manifest
+
+    rows = [row for row in read_manifest(zoo) if row["split"] == "test" and row["seed"] == 0]
+    if not rows:
+        raise SystemExit(f"no seed-0 test members in {zoo}: build them with `metanet zoo build --config configs/zoo.yaml "
+                         f"--out {zoo} --seeds 0 --splits test`")
+    last = max(row["steps"] for row in rows)
+    return sorted((row for row in rows if row["steps"] == last), key=lambda row: row["architecture"])
+
+
 def run_compare(checkpoint_spec: str, point, seeds: list[int], net, model_quality: bool) -> list[dict]:
     from metanet.checkpoints import open_checkpoint
     from metanet.eval.compare import CompareSettings, compare
@@ -172,17 +185,13 @@ def main() -> None:
         return
     from metanet.eval.compare import aggregate, markdown_table
     from metanet.model.store import load_model, model_facts
-    from training.zoo import read_manifest
-
     net = load_model(args.model)
     seeds = [int(s) for s in args.seeds.split(",")]
     start = time.perf_counter()
     sections, everything = [], {}
     targets = {"all-MiniLM-L6-v2 (never in training)": ["all-MiniLM-L6-v2"]}
     if args.zoo:
-        rows = read_manifest(args.zoo)
-        test = sorted({row["architecture"]: row for row in rows if row["split"] == "test" and row["seed"] == 0 and row["steps"] == max(r["steps"] for r in rows)}.values(),
-                      key=lambda row: row["architecture"])
+        test = zoo_test_members(args.zoo)
         targets[f"zoo test split: {len(test)} held-out-family members ({', '.join(sorted({r['family'] for r in test}))}), mean over members"] = [
             str(Path(args.zoo) / row["path"]) for row in test]
     for target, checkpoints in targets.items():

@@ -33,11 +33,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinn
 
 import torch  # noqa: E402
 
-from metanet.calib import capture_ffn_inputs, load_corpus, load_model_and_tokenizer, split_documents, tokenize_documents  # noqa: E402
+from metanet.calib import load_corpus, load_model_and_tokenizer, text_split  # noqa: E402
 from metanet.checkpoints import open_checkpoint  # noqa: E402
 
 TOKENS = 4096
-SEQ_LEN = 128
 REAL = ("SmolLM2-135M-Instruct", "all-MiniLM-L6-v2")
 STATISTICS = ("top10_mass", "top25_mass", "participation", "outlier_ratio")
 RESULTS = Path(__file__).parent / "results"
@@ -65,8 +64,7 @@ def checkpoint_statistics(name: str) -> dict:
     """Statistics of every FFN layer of checkpoint `name`, summarised over layers, with the checkpoint's shape."""
     checkpoint = open_checkpoint(name)
     model, tokenizer = load_model_and_tokenizer(checkpoint)
-    ids = tokenize_documents(tokenizer, split_documents(load_corpus(None), seed=0)[1], TOKENS, seq_len=SEQ_LEN, seed=0)
-    inputs = capture_ffn_inputs(model, checkpoint.family.name, ids).layers
+    inputs = text_split(model, tokenizer, checkpoint.family.name, "heldout", TOKENS, load_corpus(None)).ffn_inputs.layers
     per_layer = [layer_statistics(layer, inputs[layer.index]) for layer in checkpoint.layers()]  # layers in float32
     summary = {key: statistics.fmean(s[key] for s in per_layer) for key in STATISTICS if key != "outlier_ratio"}
     summary["outlier_ratio"] = max(s["outlier_ratio"] for s in per_layer)
