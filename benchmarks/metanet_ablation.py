@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 from typing import Callable
@@ -49,7 +48,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinn
 
 import torch  # noqa: E402
 
-from benchmarks.metanetwork import zoo_test_members
+from benchmarks.metanetwork import mean_over, zoo_test_members
 from benchmarks.real_llm import DOMAINS, MINILM, SMOLLM2, Bench, key as row_key, row as conversion_row  # noqa: E402
 from metanet.conversion.pipeline import ConversionSettings, convert_checkpoint  # noqa: E402
 from metanet.model import MetaNetwork  # noqa: E402
@@ -124,16 +123,6 @@ def pipeline_rows(nets: dict[str, MetaNetwork]) -> list[dict]:
         return rows
     return [{"variant": "shipped", "active": 8, "source": "real-llm.json", "convert_s": shipped["convert_s"],
              **{k: shipped[k] for k in (*(f"ppl_ratio.{d}" for d in DOMAINS), "rel_error", "oracle_rel_error")}}, *rows]
-
-
-def zoo_means(rows: list[dict]) -> list[dict]:
-    """Mean of every metric over the zoo members, per (variant, k)."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["variant"], row["active"]), []).append(row)
-    return [{"checkpoint": "zoo test split", "variant": v, "experts": EXPERTS, "active": k, "members": len(group),
-             **{key: statistics.fmean(r[key] for r in group) for key in group[0] if isinstance(group[0][key], float)}}
-            for (v, k), group in groups.items()]
 
 
 # -- report -----------------------------------------------------------------------------------------
@@ -246,7 +235,8 @@ def main() -> None:
         targets = {name: measure_checkpoint(name, TARGETS[name], nets) for name in (SMOLLM2, MINILM)}
         if args.zoo:
             members = [row for member in zoo_test_members(args.zoo) for row in measure_checkpoint(args.zoo / member["path"], TARGETS["zoo test split"], nets)]
-            targets["zoo test split"] = zoo_means(members)
+            targets["zoo test split"] = [{"checkpoint": "zoo test split", "experts": EXPERTS, **row}
+                                          for row in mean_over(members, ("variant", "active"))]
             targets["zoo test split, per member"] = members
         facts = model_facts(None)
         store.write_text(json.dumps({

@@ -60,16 +60,17 @@ def run_compare(checkpoint_spec: str, point, seeds: list[int], net, model_qualit
     return compare(open_checkpoint(checkpoint_spec), settings, progress=logging.info)
 
 
-def member_means(rows_per_member: list[list[dict]]) -> list[dict]:
-    """Average the metric columns over members, per (method, router, seed)."""
+def mean_over(rows: list[dict], keys: tuple[str, ...], columns: tuple[str, ...] | None = None) -> list[dict]:
+    """Rows grouped by their values of `keys` (first-seen order), each group as one row: those values, `members` (the
+    group's size) and the mean of every column of `columns` — None: every float column — its first row holds."""
     groups: dict[tuple, list[dict]] = {}
-    for rows in rows_per_member:
-        for row in rows:
-            groups.setdefault((row["method"], row["router"], row["seed"]), []).append(row)
-    return [
-        {"method": m, "router": r, "seed": s, **{c: statistics.fmean(row[c] for row in group) for c in COLUMNS if group[0].get(c) is not None}}
-        for (m, r, s), group in groups.items()
-    ]
+    for row in rows:
+        groups.setdefault(tuple(row[key] for key in keys), []).append(row)
+    means = []
+    for values, group in groups.items():
+        kept = [c for c in group[0] if isinstance(group[0][c], float)] if columns is None else [c for c in columns if group[0].get(c) is not None]
+        means.append({**dict(zip(keys, values)), "members": len(group), **{c: statistics.fmean(row[c] for row in group) for c in kept}})
+    return means
 
 
 def bars(table: list[dict]) -> list[str]:
@@ -198,7 +199,7 @@ def main() -> None:
         sections += [f"## {target}", ""]
         for title, point in points().items():
             per_member = [run_compare(c, point, seeds, net, model_quality=len(checkpoints) == 1) for c in checkpoints]
-            rows = per_member[0] if len(per_member) == 1 else member_means(per_member)
+            rows = per_member[0] if len(per_member) == 1 else mean_over([row for rows in per_member for row in rows], ("method", "router", "seed"), COLUMNS)
             table = aggregate(rows)
             sections += [f"### {title}", "", markdown_table(table, COLUMNS), *bars(table)]
             everything[f"{target} / {title}"] = table
