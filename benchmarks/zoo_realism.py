@@ -11,9 +11,9 @@ and each neuron's output mass m_tj = |a_tj|·‖w_out[:, j]‖ (what neuron j wr
     outlier_offset |mean| / RMS of that largest coordinate over the tokens: 1 for a constant offset, 0 for a
                    zero-mean spike
 
-then the mean over layers (outlier_ratio and outlier_offset: the layer with the largest outlier_ratio's). Beside them, from metanet-ablation.json (the shipped
-metanetwork, data-free, its own router, E = 16, k = 4: 25% active): oracle_rel_error and the whole-model figure
-(ppl_ratio on held-out Shakespeare; embedding cosine for MiniLM). Zoo members: those in the --zoo folder (the test
+then the mean over layers (outlier_ratio and outlier_offset: those of the layer with the largest outlier_ratio).
+Beside them, from metanet-ablation.json (the shipped metanetwork, data-free, its own router, E = 16, k = 4: 25%
+active): oracle_rel_error and the whole-model figure (ppl_ratio on held-out Shakespeare; embedding cosine for MiniLM). Zoo members: those in the --zoo folder (the test
 split's seed-0 members when built with `metanet zoo build --config configs/zoo.yaml --seeds 0 --splits test`).
 
 --recipes FOLDER... measures, beside them, every member of other zoo folders at every checkpoint, with its learning
@@ -22,7 +22,12 @@ which). Each option re-measures only its own rows and keeps the other's.
 Writes benchmarks/results/zoo-realism.md and .json.
 
 Run: .venv/bin/python -m benchmarks.zoo_realism --zoo benchmarks/.work/zoo
-     .venv/bin/python -m benchmarks.zoo_realism --recipes benchmarks/.work/zoo-long-0.003 benchmarks/.work/zoo-long-0.01
+     .venv/bin/python -m benchmarks.zoo_realism --recipes benchmarks/.work/zoo-long-0.003 benchmarks/.work/zoo-long-0.01-wd0 ...
+
+A recipe folder is one member built with the recipe's options, e.g. (zoo-realism.md's lr 0.01 rows):
+
+    metanet zoo build --out benchmarks/.work/zoo-long-0.01-wd0 --families llama --d-models 192 --ffn-ratios 3 \
+        --depths 4 --architectures 1 --seeds 0 --checkpoints 400,1500 --lrs 0.01 --weight-decays 0 --batch-size 8
 """
 
 from __future__ import annotations
